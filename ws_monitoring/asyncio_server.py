@@ -1,0 +1,193 @@
+"""asyncio adapter: feeds the core from ``websockets.asyncio.server`` connections.
+
+The handler receives the very same ``ServerConnection`` object websockets created, so
+identity, attributes, exceptions and close codes are unchanged. Two methods are
+shadowed on that instance (``recv`` and ``recv_streaming``) to time message handling,
+and two on its sans-I/O protocol (see :mod:`ws_monitoring.core`) to count frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from .core import ConnectionRecord, HandshakeRecord, Monitor
+from .typing import Data
+
+__all__ = ["instrument_async", "serve"]
+
+AsyncHandler = Callable[[ServerConnection], Awaitable[None]]
+HTTPHook = Callable[..., Awaitable[Response | None] | Response | None]
+
+#: Attribute under which the record of a connection is kept on the connection object.
+RECORD_ATTR = "_ws_monitoring_record"
+_HANDSHAKE_ATTR = "_ws_monitoring_handshake"
+
+
+def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
+    orig_recv = connection.recv
+    orig_recv_streaming = connection.recv_streaming
+
+    async def recv(decode: bool | None = None) -> Data:
+        if record.handling_start:
+            record.message_done()
+        message = await orig_recv(decode)
+        record.message_handed(message)
+        return message
+
+    async def recv_streaming(decode: bool | None = None) -> AsyncIterator[Data]:
+        if record.handling_start:
+            record.message_done()
+        first = True
+        async for fragment in orig_recv_streaming(decode):  # type: ignore[call-overload]
+            if first:
+                first = False
+                record.message_handed(fragment)
+            yield fragment
+
+    # ``async for message in connection`` calls ``self.recv()``: it picks this up too.
+    connection.recv = recv  # type: ignore[method-assign, assignment]
+    connection.recv_streaming = recv_streaming  # type: ignore[method-assign, assignment]
+
+
+def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
+    """Wrap an asyncio connection handler so that ``monitor`` sees its connection."""
+
+    @functools.wraps(handler)
+    async def instrumented(connection: ServerConnection) -> None:
+        record = monitor.open(connection, handshake=getattr(connection, _HANDSHAKE_ATTR, None))
+        setattr(connection, RECORD_ATTR, record)
+        _install_recv_hooks(connection, record)
+        try:
+            await handler(connection)
+        except ConnectionClosed:
+            # The peer went away under the handler: not a handler bug; websockets
+            # closes with 1011 as for any exception, so do we.
+            await connection.close(1011)
+            raise
+        except Exception as exc:
+            monitor.failed(record, exc)
+            await connection.close(1011)
+            raise
+        else:
+            # What ``async with connection`` does next in websockets' server; doing it
+            # here lets the record see the final close code. Closing twice is a no-op.
+            await connection.close()
+        finally:
+            monitor.closed(record, connection.protocol)
+
+    instrumented.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    return instrumented
+
+
+def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
+    """A subclass of ``base`` that times and classifies the opening handshake."""
+
+    class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            setattr(self, _HANDSHAKE_ATTR, monitor.handshake_started())
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            record: HandshakeRecord = getattr(self, _HANDSHAKE_ATTR)
+            try:
+                await super().handshake(*args, **kwargs)
+            except asyncio.CancelledError:
+                # open_timeout expired (asyncio.timeout cancels the handshake).
+                _finish(monitor, record, self, failure="timeout")
+                raise
+            except Exception as exc:
+                _finish(monitor, record, self, failure="error", error=exc)
+                raise
+            else:
+                _finish(monitor, record, self)
+
+    InstrumentedServerConnection.__name__ = f"Instrumented{base.__name__}"
+    InstrumentedServerConnection.__qualname__ = InstrumentedServerConnection.__name__
+    return InstrumentedServerConnection
+
+
+def _finish(
+    monitor: Monitor,
+    record: HandshakeRecord,
+    connection: Any,
+    *,
+    failure: str | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Report how a handshake ended; shared by the asyncio and threading adapters."""
+    request, response = connection.request, connection.response
+    accepted = failure is None and connection.protocol.state is State.OPEN
+    if not accepted and failure is None and (response is None or response.status_code == 101):
+        # No response went out: the request was unreadable, or the client left first.
+        response = None
+        failure = (
+            "invalid_request" if connection.protocol.handshake_exc is not None
+            else "connection_lost"
+        )  # fmt: skip
+    health = bool(
+        response is not None
+        and response.status_code == 200
+        and getattr(connection, "_ws_monitoring_health", False)
+    )
+    monitor.handshake_finished(
+        record,
+        request=request,
+        response=response,
+        accepted=accepted,
+        error=error if error is not None else connection.protocol.handshake_exc,
+        failure=failure,
+        health_check=health,
+    )
+
+
+def chain_process_request(
+    user_hook: HTTPHook | None, health_path: str | None
+) -> HTTPHook | None:
+    """``process_request`` answering ``health_path``, then calling the user's hook."""
+    if health_path is None:
+        return user_hook
+
+    async def process_request(connection: Any, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] == health_path:
+            connection._ws_monitoring_health = True
+            response: Response = connection.respond(200, "OK\n")
+            return response
+        if user_hook is None:
+            return None
+        result = user_hook(connection, request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return process_request
+
+
+def serve(
+    handler: AsyncHandler,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    monitor: Monitor,
+    create_connection: type[ServerConnection] | None = None,
+    process_request: HTTPHook | None = None,
+    **kwargs: Any,
+) -> ws_serve:
+    """``websockets.asyncio.server.serve`` with ``monitor`` watching every connection."""
+    return ws_serve(
+        instrument_async(handler, monitor),
+        host,
+        port,
+        create_connection=_connection_class(create_connection or ServerConnection, monitor),
+        process_request=chain_process_request(process_request, monitor.config.health_path),
+        **kwargs,
+    )

@@ -1,0 +1,149 @@
+"""Threading adapter: feeds the core from ``websockets.sync.server`` connections.
+
+Same approach as :mod:`ws_monitoring.asyncio_server`: the handler gets websockets' own
+``ServerConnection``; ``recv``/``recv_streaming`` are shadowed on the instance to time
+message handling, and frames are counted on the sans-I/O protocol, where websockets
+already serializes access with the connection's ``protocol_mutex``.
+
+Only :func:`serve` hooks the connection before its handshake. A handler instrumented
+with :func:`ws_monitoring.instrument` and given to ``websockets.sync.server.serve``
+is hooked when the handler starts; a message that reaches the server's reader thread
+in the microseconds between the end of the handshake and that moment is not counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.sync.server import Server, ServerConnection
+from websockets.sync.server import serve as ws_serve
+
+from .asyncio_server import _HANDSHAKE_ATTR, RECORD_ATTR, _finish
+from .core import ConnectionRecord, HandshakeRecord, Monitor
+from .typing import Data
+
+__all__ = ["instrument_sync", "serve"]
+
+SyncHandler = Callable[[ServerConnection], None]
+SyncHTTPHook = Callable[..., Response | None]
+
+
+def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
+    orig_recv = connection.recv
+    orig_recv_streaming = connection.recv_streaming
+
+    def recv(timeout: float | None = None, decode: bool | None = None) -> Data:
+        if record.handling_start:
+            record.message_done()
+        message = orig_recv(timeout, decode)  # type: ignore[call-overload]
+        record.message_handed(message)
+        return message  # type: ignore[no-any-return]
+
+    def recv_streaming(decode: bool | None = None) -> Iterator[Data]:
+        if record.handling_start:
+            record.message_done()
+        first = True
+        for fragment in orig_recv_streaming(decode):  # type: ignore[call-overload]
+            if first:
+                first = False
+                record.message_handed(fragment)
+            yield fragment
+
+    # ``for message in connection`` calls ``self.recv()``: it picks this up too.
+    connection.recv = recv  # type: ignore[method-assign, assignment]
+    connection.recv_streaming = recv_streaming  # type: ignore[method-assign, assignment]
+
+
+def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
+    """Wrap a threading-server handler so that ``monitor`` sees its connection."""
+
+    @functools.wraps(handler)
+    def instrumented(connection: ServerConnection) -> None:
+        record = monitor.open(connection, handshake=getattr(connection, _HANDSHAKE_ATTR, None))
+        setattr(connection, RECORD_ATTR, record)
+        _install_recv_hooks(connection, record)
+        try:
+            handler(connection)
+        except ConnectionClosed:
+            connection.close(1011)
+            raise
+        except Exception as exc:
+            monitor.failed(record, exc)
+            connection.close(1011)
+            raise
+        else:
+            # What ``with connection`` does next in websockets' server; closing twice
+            # is a no-op. Doing it here lets the record see the final close code.
+            connection.close()
+        finally:
+            monitor.closed(record, connection.protocol)
+
+    instrumented.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    return instrumented
+
+
+def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
+    class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Before super().__init__: it starts the reader thread.
+            setattr(self, _HANDSHAKE_ATTR, monitor.handshake_started())
+            super().__init__(*args, **kwargs)
+
+        def handshake(self, *args: Any, **kwargs: Any) -> None:
+            record: HandshakeRecord = getattr(self, _HANDSHAKE_ATTR)
+            try:
+                super().handshake(*args, **kwargs)
+            except TimeoutError as exc:
+                _finish(monitor, record, self, failure="timeout", error=exc)
+                raise
+            except Exception as exc:
+                _finish(monitor, record, self, failure="error", error=exc)
+                raise
+            else:
+                _finish(monitor, record, self)
+
+    InstrumentedServerConnection.__name__ = f"Instrumented{base.__name__}"
+    InstrumentedServerConnection.__qualname__ = InstrumentedServerConnection.__name__
+    return InstrumentedServerConnection
+
+
+def chain_process_request(
+    user_hook: SyncHTTPHook | None, health_path: str | None
+) -> SyncHTTPHook | None:
+    """``process_request`` answering ``health_path``, then calling the user's hook."""
+    if health_path is None:
+        return user_hook
+
+    def process_request(connection: Any, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] == health_path:
+            connection._ws_monitoring_health = True
+            response: Response = connection.respond(200, "OK\n")
+            return response
+        return None if user_hook is None else user_hook(connection, request)
+
+    return process_request
+
+
+def serve(
+    handler: SyncHandler,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    monitor: Monitor,
+    create_connection: type[ServerConnection] | None = None,
+    process_request: SyncHTTPHook | None = None,
+    **kwargs: Any,
+) -> Server:
+    """``websockets.sync.server.serve`` with ``monitor`` watching every connection."""
+    return ws_serve(
+        instrument_sync(handler, monitor),
+        host,
+        port,
+        create_connection=_connection_class(create_connection or ServerConnection, monitor),
+        process_request=chain_process_request(process_request, monitor.config.health_path),
+        **kwargs,
+    )

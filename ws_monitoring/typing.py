@@ -1,0 +1,71 @@
+"""Protocols shared by the core and its sinks.
+
+The core (:mod:`ws_monitoring.core`) turns connection events into records; sinks
+(metrics, tracing, logging, alerting) consume them. A sink never calls another sink,
+never blocks the caller and never raises into it: whatever I/O it needs happens on a
+background worker with a bounded queue.
+
+Calling context: every method is called from the connection's own task (asyncio) or
+thread (sync server) — except :meth:`MessageSink.message_sent`, called from whatever
+task or thread sends (``websockets.broadcast`` included). Context-local state
+(OpenTelemetry context, Sentry scopes) set in ``connection_opened`` or
+``message_started`` is therefore visible to the handler code that follows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .core import ConnectionRecord, HandshakeRecord
+
+__all__ = ["Data", "MessageSink", "Sink"]
+
+Data = str | bytes
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Consumes connection lifecycle events. Called once per event, never per message."""
+
+    def handshake_finished(self, handshake: HandshakeRecord) -> None:
+        """An opening handshake ended: accepted, rejected or failed (see ``outcome``)."""
+
+    def connection_opened(self, connection: ConnectionRecord) -> None:
+        """The handshake succeeded and the handler is about to start."""
+
+    def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None:
+        """The handler raised ``exc`` (not a ``ConnectionClosed``); it propagates after this."""
+
+    def connection_closed(self, connection: ConnectionRecord) -> None:
+        """The handler returned and the connection is closed; the record is final."""
+
+    def shutdown(self, timeout: float) -> None:
+        """Flush what is pending within ``timeout`` seconds and release resources."""
+
+
+@runtime_checkable
+class MessageSink(Sink, Protocol):
+    """A sink that also wants per-message events. Only such sinks cost anything per message."""
+
+    def message_started(self, connection: ConnectionRecord, message: Data) -> object:
+        """``message`` was just handed to the handler; returns a token for ``message_finished``.
+
+        ``message`` is the payload: a sink must not emit it unless the connection's
+        consent allows it (``connection.client.allows("payload")``).
+        """
+
+    def message_finished(
+        self,
+        connection: ConnectionRecord,
+        token: object,
+        duration: float,
+        error: BaseException | None,
+    ) -> None:
+        """The handler asked for the next message, returned or raised ``error``.
+
+        ``duration`` is the handling time in seconds.
+        """
+
+    def message_sent(self, connection: ConnectionRecord, binary: bool, size: int) -> None:
+        """A complete message of ``size`` payload bytes was written to the connection."""
