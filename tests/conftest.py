@@ -1,0 +1,30 @@
+"""Shared fixtures: a private registry and a real metrics server scraped over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.helpers.scrape import Samples, scrape
+from ws_monitoring import MetricsServer, start_metrics_server
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    """A fresh registry per test, so counts start at zero."""
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics_server(registry: CollectorRegistry) -> Iterator[MetricsServer]:
+    """A real metrics HTTP server for ``registry`` on a free loopback port."""
+    with start_metrics_server(0, "127.0.0.1", registry=registry) as server:
+        yield server
+
+
+@pytest.fixture
+def scrape_metrics(metrics_server: MetricsServer) -> Callable[[], Samples]:
+    """Scrape ``metrics_server`` over HTTP: ``scrape_metrics().get(name, **labels)``."""
+    return lambda: scrape(metrics_server.url)
