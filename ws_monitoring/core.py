@@ -360,6 +360,9 @@ def classify_close(protocol: Protocol) -> str | None:
             return "invalid_payload"
         if isinstance(exc, ProtocolError):
             return "protocol_error"
+        if isinstance(exc, EOFError):
+            # The TCP connection ended in the middle of a frame.
+            return "connection_reset"
         return "internal_error"
     sent = protocol.close_sent
     if sent is not None and sent.code == 1011 and "timeout" in sent.reason:

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from . import multiprocess
 from .config import Config
 from .core import ConnectionRecord, HandshakeRecord, HistogramLayout
 from .labels import close_code_label, handshake_status_label
@@ -151,6 +152,7 @@ class MetricsSink:
         self._errors: dict[tuple[str, str], int] = {}
         self._handshake_failures: dict[str, int] = {}
         self._handshake_duration = _Histogram(len(config.handshake_buckets))
+        self._bridge: multiprocess.MultiprocessBridge | None = None
 
     @classmethod
     def for_config(cls, config: Config) -> MetricsSink:
@@ -161,7 +163,12 @@ class MetricsSink:
             sink = per_registry.get(config.namespace)
             if sink is None:
                 sink = cls(config)
-                registry.register(sink)
+                if multiprocess.enabled():
+                    # Other workers' values live in their own memory: publish through
+                    # prometheus_client's mmap files instead of a collector.
+                    sink._bridge = multiprocess.MultiprocessBridge(sink)
+                else:
+                    registry.register(sink)
                 per_registry[config.namespace] = sink
             elif any(
                 getattr(sink.config, name) != getattr(config, name)
@@ -220,7 +227,9 @@ class MetricsSink:
             self._count_error(route, connection.error_type)
 
     def shutdown(self, timeout: float) -> None:
-        """Nothing to flush: values live in memory until the process exits."""
+        """In multiprocess mode, publish the last values; otherwise nothing to flush."""
+        if self._bridge is not None:
+            self._bridge.flush()
 
     def _count_error(self, route: str, kind: str) -> None:
         with self._lock:
