@@ -127,7 +127,7 @@ async def test_two_workers_sum_into_one_scrape(
 async def test_dead_worker_share_of_live_gauge_is_removed(
     workers: tuple[int, list[Worker]], multiproc_dir: Path
 ) -> None:
-    port, (first, second) = workers
+    port, (first, _second) = workers
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(multiproc_dir))
     held = [await connect(f"ws://127.0.0.1:{port}/room") for _ in range(16)]

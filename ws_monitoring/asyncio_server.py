@@ -14,7 +14,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -48,7 +48,7 @@ def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) 
         if record.handling_start:
             record.message_done()
         first = True
-        async for fragment in orig_recv_streaming(decode):  # type: ignore[call-overload]
+        async for fragment in orig_recv_streaming(decode):
             if first:
                 first = False
                 record.message_handed(fragment)
@@ -150,9 +150,7 @@ def _finish(
     )
 
 
-def chain_process_request(
-    user_hook: HTTPHook | None, health_path: str | None
-) -> HTTPHook | None:
+def chain_process_request(user_hook: HTTPHook | None, health_path: str | None) -> HTTPHook | None:
     """``process_request`` answering ``health_path``, then calling the user's hook."""
     if health_path is None:
         return user_hook
@@ -181,7 +179,7 @@ def serve(
     create_connection: type[ServerConnection] | None = None,
     process_request: HTTPHook | None = None,
     **kwargs: Any,
-) -> ws_serve:
+) -> Server:
     """``websockets.asyncio.server.serve`` with ``monitor`` watching every connection."""
     return ws_serve(
         instrument_async(handler, monitor),

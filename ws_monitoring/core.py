@@ -119,10 +119,10 @@ class ConnectionRecord:
 
     __slots__ = (
         "__weakref__",
+        "client",
         "close_code",
         "close_reason",
         "closed_at",
-        "client",
         "connection",
         "context",
         "error",

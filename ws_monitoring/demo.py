@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
@@ -154,10 +154,14 @@ async def run_demo(
         ) as server:
             ws_port = server.sockets[0].getsockname()[1]
             shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-            print_fn(f"WebSocket server: ws://{shown}:{ws_port}/echo and ws://{shown}:{ws_port}/chat/<room>")
+            print_fn(
+                f"WebSocket server: ws://{shown}:{ws_port}/echo and ws://{shown}:{ws_port}/chat/<room>"
+            )
             print_fn(f"Health check:     http://{shown}:{ws_port}/healthz")
             print_fn(f"Metrics:          {metrics.url}")
-            print_fn("Press Ctrl-C to stop." if duration is None else f"Running for {duration:g} s.")
+            print_fn(
+                "Press Ctrl-C to stop." if duration is None else f"Running for {duration:g} s."
+            )
             if ready is not None:
                 result = ready(ws_port, metrics.port)
                 if result is not None:

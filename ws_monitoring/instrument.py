@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from websockets.asyncio.server import serve as ws_serve
+from websockets.asyncio.server import Server as AsyncServer
 from websockets.sync.server import Server as SyncServer
 
 from . import asyncio_server, sync_server
@@ -104,7 +104,9 @@ def _prepare(handler: Any, kwargs: dict[str, Any]) -> tuple[Any, Monitor, dict[s
     return handler, monitor, theirs
 
 
-def serve(handler: Any, host: str | None = None, port: int | None = None, **kwargs: Any) -> ws_serve:
+def serve(
+    handler: Any, host: str | None = None, port: int | None = None, **kwargs: Any
+) -> AsyncServer:
     """Drop-in for ``websockets.asyncio.server.serve`` that instruments every connection.
 
     Same arguments and return value (await it or use ``async with``), plus the options

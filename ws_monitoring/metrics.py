@@ -16,7 +16,7 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
@@ -121,10 +121,10 @@ class MetricsSink:
             registry and namespace with different buckets.
     """
 
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, MetricsSink]] = (
+    _instances: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, MetricsSink]]] = (
         weakref.WeakKeyDictionary()
     )
-    _instances_lock = threading.Lock()
+    _instances_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -368,7 +368,9 @@ class MetricsSink:
                 ),
                 t.handling_sum,
             )
-            rtt.add_metric([route], _buckets(cfg.rtt_buckets, h[layout.rtt : layout.length]), t.rtt_sum)
+            rtt.add_metric(
+                [route], _buckets(cfg.rtt_buckets, h[layout.rtt : layout.length]), t.rtt_sum
+            )
 
         errors = CounterMetricFamily(
             names["errors"], "WebSocket errors, by type.", labels=["route", "type"]
@@ -399,7 +401,7 @@ def _buckets(
     """Cumulative ``(le, count[, exemplar])`` pairs from per-bucket counts."""
     out: list[Any] = []
     total = 0
-    for index, le in enumerate([*(floatToGoString(b) for b in bounds), "+Inf"]):
+    for index, le in enumerate([*(floatToGoString(b) for b in bounds), "+Inf"]):  # type: ignore[no-untyped-call]
         total += counts[index]
         if exemplars and index in exemplars:
             trace_id, value, ts = exemplars[index]

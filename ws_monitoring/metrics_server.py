@@ -95,7 +95,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             if not self._authorized():
                 scheme = self.server.auth[0] if self.server.auth else "Basic"
-                self._send(401, b"Unauthorized\n", extra={"WWW-Authenticate": f'{scheme} realm="metrics"'})
+                self._send(
+                    401, b"Unauthorized\n", extra={"WWW-Authenticate": f'{scheme} realm="metrics"'}
+                )
                 return
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
@@ -148,9 +150,15 @@ class MetricsServer:
 def _resolve_auth(
     username: str | None, password: str | None, bearer_token: str | None
 ) -> tuple[str, bytes] | None:
-    username = username if username is not None else os.environ.get("WS_MONITORING_METRICS_USERNAME")
-    password = password if password is not None else os.environ.get("WS_MONITORING_METRICS_PASSWORD")
-    token = bearer_token if bearer_token is not None else os.environ.get("WS_MONITORING_METRICS_TOKEN")
+    username = (
+        username if username is not None else os.environ.get("WS_MONITORING_METRICS_USERNAME")
+    )
+    password = (
+        password if password is not None else os.environ.get("WS_MONITORING_METRICS_PASSWORD")
+    )
+    token = (
+        bearer_token if bearer_token is not None else os.environ.get("WS_MONITORING_METRICS_TOKEN")
+    )
     if token and (username or password):
         raise ValueError("choose basic auth (username/password) or a bearer token, not both")
     if token:

@@ -39,15 +39,15 @@ def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) 
     def recv(timeout: float | None = None, decode: bool | None = None) -> Data:
         if record.handling_start:
             record.message_done()
-        message = orig_recv(timeout, decode)  # type: ignore[call-overload]
+        message = orig_recv(timeout, decode)
         record.message_handed(message)
-        return message  # type: ignore[no-any-return]
+        return message
 
     def recv_streaming(decode: bool | None = None) -> Iterator[Data]:
         if record.handling_start:
             record.message_done()
         first = True
-        for fragment in orig_recv_streaming(decode):  # type: ignore[call-overload]
+        for fragment in orig_recv_streaming(decode):
             if first:
                 first = False
                 record.message_handed(fragment)

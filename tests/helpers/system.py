@@ -15,7 +15,9 @@ def require_binary(name: str, package: str) -> str:
     """Path of ``name``; skips the test when missing, but fails it under ``CI=true``."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: install the Debian package {package!r} (make test does as root)"
+        message = (
+            f"{name} not found: install the Debian package {package!r} (make test does as root)"
+        )
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
