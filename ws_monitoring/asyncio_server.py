@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .core import ConnectionRecord, HandshakeRecord, Monitor
+from .core import ConnectionRecord, HandshakeRecord, Monitor, _now
 from .typing import Data
 
 __all__ = ["instrument_async", "serve"]
@@ -33,30 +33,50 @@ RECORD_ATTR = "_ws_monitoring_record"
 _HANDSHAKE_ATTR = "_ws_monitoring_handshake"
 
 
-def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
-    orig_recv = connection.recv
-    orig_recv_streaming = connection.recv_streaming
+class _RecvHooks:
+    """``recv``/``recv_streaming`` of one connection, timing how long each message is handled.
 
-    async def recv(decode: bool | None = None) -> Data:
+    Bound methods of one small object rather than two closures: about 350 bytes less per
+    connection for the same cost per call.
+    """
+
+    __slots__ = ("message_sinks", "orig_recv", "orig_recv_streaming", "record")
+
+    def __init__(self, connection: ServerConnection, record: ConnectionRecord) -> None:
+        self.record = record
+        self.orig_recv = connection.recv
+        self.orig_recv_streaming = connection.recv_streaming
+        self.message_sinks = record.monitor.message_sinks
+
+    async def recv(self, decode: bool | None = None) -> Data:
+        record = self.record
         if record.handling_start:
             record.message_done()
-        message = await orig_recv(decode)
-        record.message_handed(message)
+        message = await self.orig_recv(decode)
+        if self.message_sinks:
+            record.message_handed(message)
+        else:
+            # All ``message_handed`` does without message sinks, minus a call per message.
+            record.handling_start = _now()
         return message
 
-    async def recv_streaming(decode: bool | None = None) -> AsyncIterator[Data]:
+    async def recv_streaming(self, decode: bool | None = None) -> AsyncIterator[Data]:
+        record = self.record
         if record.handling_start:
             record.message_done()
         first = True
-        async for fragment in orig_recv_streaming(decode):
+        async for fragment in self.orig_recv_streaming(decode):
             if first:
                 first = False
                 record.message_handed(fragment)
             yield fragment
 
+
+def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
+    hooks = _RecvHooks(connection, record)
     # ``async for message in connection`` calls ``self.recv()``: it picks this up too.
-    connection.recv = recv  # type: ignore[method-assign, assignment]
-    connection.recv_streaming = recv_streaming  # type: ignore[method-assign, assignment]
+    connection.recv = hooks.recv  # type: ignore[method-assign, assignment]
+    connection.recv_streaming = hooks.recv_streaming  # type: ignore[method-assign, assignment]
 
 
 def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
@@ -130,10 +150,10 @@ def _finish(
     if not accepted and failure is None and (response is None or response.status_code == 101):
         # No response went out: the request was unreadable, or the client left first.
         response = None
-        failure = (
-            "invalid_request" if connection.protocol.handshake_exc is not None
-            else "connection_lost"
-        )  # fmt: skip
+        exc = connection.protocol.handshake_exc
+        # websockets wraps "EOF before a full request" in InvalidMessage too.
+        lost = exc is None or isinstance(exc.__cause__, EOFError)
+        failure = "connection_lost" if lost else "invalid_request"
     health = bool(
         response is not None
         and response.status_code == 200
@@ -147,7 +167,15 @@ def _finish(
         error=error if error is not None else connection.protocol.handshake_exc,
         failure=failure,
         health_check=health,
+        remote_address=_peer(connection),
     )
+
+
+def _peer(connection: Any) -> Any:
+    try:
+        return connection.remote_address
+    except OSError:  # the socket is already gone
+        return None
 
 
 def chain_process_request(user_hook: HTTPHook | None, health_path: str | None) -> HTTPHook | None:
@@ -181,7 +209,7 @@ def serve(
     **kwargs: Any,
 ) -> Server:
     """``websockets.asyncio.server.serve`` with ``monitor`` watching every connection."""
-    return ws_serve(
+    server = ws_serve(
         instrument_async(handler, monitor),
         host,
         port,
@@ -189,3 +217,6 @@ def serve(
         process_request=chain_process_request(process_request, monitor.config.health_path),
         **kwargs,
     )
+    # Lets the privacy and logging layers find this server's monitor.
+    server.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    return server

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,8 @@ DEFAULT_RTT_BUCKETS = (
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 _FALSE = {"0", "false", "no", "off"}
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -81,7 +84,8 @@ def _env_list(name: str) -> list[str] | None:
 
 def _env_buckets(name: str) -> tuple[float, ...] | None:
     items = _env_list(name)
-    if items is None:
+    if not items:
+        # Unset or empty: the default, as for every other variable.
         return None
     try:
         return tuple(float(item) for item in items)
@@ -189,7 +193,8 @@ class Config:
 
         Raises:
             TypeError: an unknown option name.
-            ValueError: an invalid value, from a keyword or the environment.
+            ValueError: an invalid value, from a keyword or the environment (the
+                message then names the variable).
         """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
@@ -221,12 +226,27 @@ class Config:
             env["trace_slow_threshold"] = slow
         if (proxies := _env_list("WS_MONITORING_TRUSTED_PROXIES")) is not None:
             env["trusted_proxies"] = tuple(proxies)
+        # Which fields come from which variable, to name it when its value is invalid.
+        sources = {
+            field: var
+            for field, var in _ENV_FIELDS.items()
+            if field in env and field not in options and var in os.environ
+        }
         env.update(options)
-        return cls(**env)
+        try:
+            return cls(**env)
+        except ValueError as exc:
+            for field, var in sources.items():
+                if str(exc).startswith(field):
+                    raise ValueError(f"{var}={os.environ[var]!r}: {exc}") from None
+            raise
 
     def __post_init__(self) -> None:
-        if not self.namespace.replace("_", "a").isalnum() or self.namespace[0].isdigit():
-            raise ValueError(f"namespace {self.namespace!r}: use letters, digits and '_'")
+        if not _NAMESPACE.fullmatch(self.namespace):
+            raise ValueError(
+                f"namespace {self.namespace!r}: use ASCII letters, digits and '_', "
+                "not starting with a digit"
+            )
         if self.max_routes < 1:
             raise ValueError(f"max_routes must be at least 1, got {self.max_routes}")
         for name in (
@@ -243,6 +263,22 @@ class Config:
             raise ValueError("log_payloads must be a non-negative number of bytes")
         if isinstance(self.routes, str):
             raise ValueError("routes: pass a list of templates, not a single string")
+        if self.routes is not None and not callable(self.routes):
+            object.__setattr__(self, "routes", tuple(self.routes))
+            for template in self.routes:
+                if not isinstance(template, str) or not template.startswith("/"):
+                    raise ValueError(f"routes: template {template!r} must start with '/'")
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         object.__setattr__(self, "alerters", tuple(self.alerters))
         object.__setattr__(self, "sinks", tuple(self.sinks))
+
+
+#: Fields that environment variables can set, validated in ``__post_init__``.
+_ENV_FIELDS = {
+    "namespace": "WS_MONITORING_NAMESPACE",
+    "routes": "WS_MONITORING_ROUTES",
+    "max_routes": "WS_MONITORING_MAX_ROUTES",
+    "size_buckets": "WS_MONITORING_SIZE_BUCKETS",
+    "duration_buckets": "WS_MONITORING_DURATION_BUCKETS",
+    "health_path": "WS_MONITORING_HEALTH_PATH",
+}

@@ -17,7 +17,9 @@ being held across read-modify-write.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -29,6 +31,9 @@ from websockets.frames import Frame, Opcode
 from .config import Config
 from .labels import RouteMapper
 from .privacy import Client, Privacy
+
+#: The client view of a record whose handshake has not finished: nothing known.
+NO_CLIENT = Client(ip=None, user=None)
 from .typing import Data, MessageSink, Sink
 
 if TYPE_CHECKING:
@@ -39,14 +44,20 @@ __all__ = ["ConnectionRecord", "HandshakeRecord", "HistogramLayout", "Monitor"]
 
 logger = logging.getLogger("ws_monitoring")
 
-_TEXT, _BINARY, _CONT, _PING, _PONG = (
+_TEXT, _BINARY, _CONT, _PING, _PONG, _CLOSE = (
     Opcode.TEXT,
     Opcode.BINARY,
     Opcode.CONT,
     Opcode.PING,
     Opcode.PONG,
+    Opcode.CLOSE,
 )
 _now = time.perf_counter
+
+
+def _sink_failed(sink: object, method: str) -> None:
+    # A broken sink must never break the connection it observes, nor its other sinks.
+    logger.exception("ws_monitoring sink %s.%s failed", type(sink).__name__, method)
 
 
 class HistogramLayout:
@@ -76,8 +87,10 @@ class HandshakeRecord:
         "error",
         "failure",
         "health_check",
+        "monitor",
         "outcome",
         "path",
+        "remote_address",
         "request",
         "response",
         "route",
@@ -86,7 +99,8 @@ class HandshakeRecord:
         "status",
     )
 
-    def __init__(self, started_at: float, started_unix: float) -> None:
+    def __init__(self, monitor: Monitor, started_at: float, started_unix: float) -> None:
+        self.monitor = monitor
         self.started_at = started_at
         self.started_unix = started_unix
         self.duration = 0.0
@@ -101,8 +115,10 @@ class HandshakeRecord:
         self.response: Response | None = None
         #: Request path without its query string ("" when no request was read).
         self.path = ""
-        #: Bounded route label ("" when no request was read).
+        #: Bounded route label ("" when no request was read; see ``RouteMapper.peek``).
         self.route = ""
+        #: The peer's address (raw: only for the privacy layer); None if unknown.
+        self.remote_address: Any = None
         #: True for requests answered by the health check: not a WebSocket handshake.
         self.health_check = False
         #: Scratch space for sinks, keyed by sink (e.g. the handshake span's context).
@@ -158,30 +174,19 @@ class ConnectionRecord:
         "tokens",
     )
 
-    def __init__(
-        self,
-        monitor: Monitor,
-        connection: Any,
-        *,
-        id: str,
-        path: str,
-        route: str,
-        request: Request | None,
-        remote_address: Any,
-        subprotocol: str | None,
-        client: Client,
-        handshake: HandshakeRecord | None,
-    ) -> None:
+    def __init__(self, monitor: Monitor) -> None:
+        # Identity fields are filled in by Monitor.open() once the handshake is done;
+        # counting may start earlier (see Monitor.prepare()).
         self.monitor = monitor
-        self.connection = connection
-        self.id = id
-        self.path = path
-        self.route = route
-        self.request = request
-        self.remote_address = remote_address
-        self.subprotocol = subprotocol
-        self.client = client
-        self.handshake = handshake
+        self.connection: Any = None
+        self.id = ""
+        self.path = ""
+        self.route = ""
+        self.request: Request | None = None
+        self.remote_address: Any = None
+        self.subprotocol: str | None = None
+        self.client: Client = NO_CLIENT
+        self.handshake: HandshakeRecord | None = None
         self.opened_at = _now()
         self.opened_unix = time.time()
         self.closed_at = 0.0
@@ -199,6 +204,8 @@ class ConnectionRecord:
         self.tokens: list[object] | None = None
         self.exemplar_trace_id: str | None = None
         self.exemplars: dict[int, tuple[str, float, float]] | None = None
+        #: Close code the peer sent, even one websockets rejected as invalid (0: a close
+        #: frame too short to hold one); 1006 when no close frame arrived.
         self.close_code: int | None = None
         self.close_reason = ""
         self.error: BaseException | None = None
@@ -227,25 +234,37 @@ class ConnectionRecord:
         self.handling_start = _now()
         sinks = self.monitor.message_sinks
         if sinks:
-            self.tokens = [sink.message_started(self, message) for sink in sinks]
+            tokens: list[object] = []
+            for sink in sinks:
+                try:
+                    tokens.append(sink.message_started(self, message))
+                except Exception:
+                    _sink_failed(sink, "message_started")
+                    tokens.append(None)
+            self.tokens = tokens
 
     def message_done(self, error: BaseException | None = None) -> None:
         """The handler asked for the next message, returned or raised: handling ended."""
         start = self.handling_start
         if not start:
             return
-        self.handling_start = 0.0
         duration = _now() - start
+        self.handling_start = 0.0
         monitor = self.monitor
         tokens = self.tokens
         if tokens is not None:
             self.tokens = None
             for sink, token in zip(monitor.message_sinks, tokens, strict=True):
-                sink.message_finished(self, token, duration, error)
+                try:
+                    sink.message_finished(self, token, duration, error)
+                except Exception:
+                    _sink_failed(sink, "message_finished")
         h = self.h
         if h is None:
             h = self.h = [0] * monitor.layout.length
-        bucket = bisect_left(monitor.duration_bounds, duration)
+        bounds = monitor.duration_bounds
+        # Most messages are handled within the first bucket: no search for them.
+        bucket = 0 if duration <= bounds[0] else bisect_left(bounds, duration)
         h[monitor.layout.duration + bucket] += 1
         self.handling_sum += duration
         trace_id = self.exemplar_trace_id
@@ -257,37 +276,123 @@ class ConnectionRecord:
             self.exemplars[bucket] = (trace_id, duration, time.time())
 
 
+#: The one attribute the frame hooks add to a protocol instance: its record.
+_RECORD_ATTR = "_ws_monitoring_record"
+#: Marks the protocol classes made by :func:`_counting_class`.
+_COUNTING_MARK = "_ws_monitoring_counting"
+#: Sizes up to this many bytes find their histogram bucket in a table, not a search.
+_SIZE_TABLE_MAX = 65536
+
+
+@functools.lru_cache(maxsize=8)
+def _size_table(bounds: tuple[float, ...]) -> bytes:
+    """``table[size] == bisect_left(bounds, size)`` for every integer size in the table.
+
+    One byte per size up to ``_SIZE_TABLE_MAX`` (shared by every connection with these
+    bounds): an index costs a third of a binary search on floats. Empty when a bucket
+    index would not fit in a byte.
+    """
+    if len(bounds) > 255:
+        return b""
+    top = bounds[-1]
+    n = _SIZE_TABLE_MAX + 1 if top >= _SIZE_TABLE_MAX else max(0, math.floor(top)) + 2
+    table = bytearray(n)
+    start = 0
+    for index, bound in enumerate(bounds):
+        # Integer sizes s with bounds[index - 1] < s <= bound fall in bucket ``index``.
+        stop = min(n, math.floor(bound) + 1) if bound >= 0 else 0
+        if stop > start:
+            table[start:stop] = bytes((index,)) * (stop - start)
+            start = stop
+    table[start:] = bytes((len(bounds),)) * (n - start)
+    return bytes(table)
+
+
 def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: Monitor) -> None:
     """Count every data frame the sans-I/O protocol parses or serializes.
 
-    The hooks shadow ``recv_frame``/``send_frame`` on this protocol instance only and call
-    the originals first, so a frame websockets rejects is not counted.
+    The protocol instance becomes an instance of a subclass of its class (made once per
+    monitor and protocol class) whose ``recv_frame``/``send_frame`` call the originals
+    first, so a frame websockets rejects is not counted, then count into the record
+    kept in one instance attribute. Nothing else about the protocol changes.
+
+    Why a class and not two shadowing instance attributes: on CPython 3.11+, websockets'
+    ``ServerProtocol`` instances keep their attributes in a compact table shared with
+    their class, with room for one more key; a second new key turns it into a full
+    dict, about 1.5 KiB per connection, and two closures cost another 0.5 KiB.
+
+    A protocol that cannot change class (another monitor already counts it, or its
+    class has no instance dict) keeps its class and is not counted by this monitor;
+    that is logged once per monitor.
     """
-    orig_recv = protocol.recv_frame
-    orig_send = protocol.send_frame
+    base = type(protocol)
+    try:
+        cls = monitor.protocol_classes[base]
+    except KeyError:
+        # Not ``hasattr(protocol, "__dict__")``: that would build the very dict we avoid.
+        if getattr(base, _COUNTING_MARK, False) or base.__dictoffset__ == 0:
+            logger.warning(
+                "ws_monitoring: %s is already counted by another monitor, or has no "
+                "instance dict: its frames are not counted by this one",
+                base.__qualname__,
+            )
+            cls = None
+        else:
+            cls = _counting_class(base, monitor)
+        monitor.protocol_classes[base] = cls
+    if cls is None:
+        return
+    # The attribute first: it takes the free slot of the class's shared key table.
+    setattr(protocol, _RECORD_ATTR, record)
+    protocol.__class__ = cls
+
+
+def _counting_class(base: type[Protocol], monitor: Monitor) -> type[Protocol]:
+    """A subclass of ``base`` counting frames into ``self._ws_monitoring_record``."""
     size_bounds = monitor.size_bounds
+    table = _size_table(size_bounds)
+    n_table = len(table)
     length = monitor.layout.length
     off_out = monitor.layout.size_out
     off_rtt = monitor.layout.rtt
     rtt_bounds = monitor.rtt_bounds
     message_sinks = monitor.message_sinks
+    base_recv = base.recv_frame
+    base_send = base.send_frame
 
-    def recv_frame(frame: Frame) -> None:
-        orig_recv(frame)
+    def recv_frame(self: Any, frame: Frame) -> None:
         op = frame.opcode
-        if op is _TEXT or op is _BINARY:
+        if op is _BINARY or op is _TEXT:
+            base_recv(self, frame)
+            record: ConnectionRecord = self._ws_monitoring_record
+            size = len(frame.data)
             if not frame.fin:
                 record.in_op = op
-                record.in_size = len(frame.data)
+                record.in_size = size
                 return
-            size = len(frame.data)
+        elif op is _CLOSE:
+            try:
+                base_recv(self, frame)
+            except (ProtocolError, UnicodeDecodeError):
+                # websockets rejects a close code that is invalid on the wire (and then
+                # reports 1006); keep the code the peer sent, 0 if there was none.
+                data = frame.data
+                self._ws_monitoring_record.close_code = (
+                    int.from_bytes(data[:2], "big") if len(data) > 1 else 0
+                )
+                raise
+            return
         elif op is _CONT:
+            base_recv(self, frame)
+            record = self._ws_monitoring_record
             size = record.in_size + len(frame.data)
             if not frame.fin:
                 record.in_size = size
                 return
             op = record.in_op
         elif op is _PONG:
+            base_recv(self, frame)
+            record = self._ws_monitoring_record
             if record.ping_data is not None and frame.data == record.ping_data:
                 rtt = _now() - record.ping_sent_at
                 record.ping_data = None
@@ -298,6 +403,7 @@ def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: 
                 record.rtt_sum += rtt
             return
         else:
+            base_recv(self, frame)
             return
         h = record.h
         if h is None:
@@ -307,18 +413,20 @@ def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: 
         else:
             record.in_binary += 1
         record.in_bytes += size
-        h[bisect_left(size_bounds, size)] += 1
+        h[table[size] if size < n_table else bisect_left(size_bounds, size)] += 1
 
-    def send_frame(frame: Frame) -> None:
-        orig_send(frame)
+    def send_frame(self: Any, frame: Frame) -> None:
+        base_send(self, frame)
         op = frame.opcode
-        if op is _TEXT or op is _BINARY:
+        if op is _BINARY or op is _TEXT:
+            record: ConnectionRecord = self._ws_monitoring_record
+            size = len(frame.data)
             if not frame.fin:
                 record.out_op = op
-                record.out_size = len(frame.data)
+                record.out_size = size
                 return
-            size = len(frame.data)
         elif op is _CONT:
+            record = self._ws_monitoring_record
             size = record.out_size + len(frame.data)
             if not frame.fin:
                 record.out_size = size
@@ -326,6 +434,7 @@ def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: 
             op = record.out_op
         elif op is _PING:
             # Keepalive and user pings: the matching pong gives the round-trip time.
+            record = self._ws_monitoring_record
             record.ping_data = bytes(frame.data)
             record.ping_sent_at = _now()
             return
@@ -340,14 +449,32 @@ def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: 
         else:
             record.out_text += 1
         record.out_bytes += size
-        h[off_out + bisect_left(size_bounds, size)] += 1
+        h[off_out + (table[size] if size < n_table else bisect_left(size_bounds, size))] += 1
         if message_sinks:
             for sink in message_sinks:
-                sink.message_sent(record, binary, size)
+                try:
+                    sink.message_sent(record, binary, size)
+                except Exception:
+                    _sink_failed(sink, "message_sent")
 
-    # Instance attributes shadow the class's methods for this protocol only.
-    protocol.recv_frame = recv_frame  # type: ignore[method-assign]
-    protocol.send_frame = send_frame  # type: ignore[method-assign]
+    # ``__slots__ = ()``: same memory layout as ``base``, so ``__class__`` can change.
+    return type(
+        base.__name__,
+        (base,),
+        {
+            "__slots__": (),
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+            _COUNTING_MARK: True,
+            "recv_frame": recv_frame,
+            "send_frame": send_frame,
+        },
+    )
+
+
+#: Close codes the server sends when it fails a connection because of the peer.
+_FAILURE_CODES = {1002: "protocol_error", 1007: "invalid_payload", 1009: "message_too_big"}
 
 
 def classify_close(protocol: Protocol) -> str | None:
@@ -365,8 +492,14 @@ def classify_close(protocol: Protocol) -> str | None:
             return "connection_reset"
         return "internal_error"
     sent = protocol.close_sent
-    if sent is not None and sent.code == 1011 and "timeout" in sent.reason:
-        return "timeout"
+    if sent is not None:
+        # The connection, not the parser, failed it: invalid UTF-8 is found when
+        # recv() decodes a message, too many fragments when it assembles one.
+        kind = _FAILURE_CODES.get(sent.code)
+        if kind is not None:
+            return kind
+        if sent.code == 1011 and "timeout" in sent.reason:
+            return "timeout"
     if protocol.close_rcvd is None:
         return "connection_reset"
     return None
@@ -398,6 +531,8 @@ class Monitor:
         self.rtt_bounds = config.rtt_buckets
         # Records must stay cheap to track: the connection holds the record, not the reverse.
         self.count_frames = config.metrics or bool(self.message_sinks)
+        #: Counting subclass per protocol class (see ``_install_frame_hooks``).
+        self.protocol_classes: dict[type[Any], type[Any] | None] = {}
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -406,14 +541,13 @@ class Monitor:
             try:
                 getattr(sink, method)(*args)
             except Exception:
-                # A broken sink must never break the connection it observes.
-                logger.exception("ws_monitoring sink %s.%s failed", type(sink).__name__, method)
+                _sink_failed(sink, method)
 
     # -- handshake -------------------------------------------------------------------------
 
     def handshake_started(self) -> HandshakeRecord:
         """A TCP connection arrived; its opening handshake starts now."""
-        return HandshakeRecord(_now(), time.time())
+        return HandshakeRecord(self, _now(), time.time())
 
     def handshake_finished(
         self,
@@ -425,16 +559,20 @@ class Monitor:
         error: BaseException | None = None,
         failure: str | None = None,
         health_check: bool = False,
+        remote_address: Any = None,
     ) -> None:
         """The handshake ended; ``failure`` names why when no response was sent."""
         handshake.duration = _now() - handshake.started_at
+        handshake.remote_address = remote_address
         handshake.request = request
         handshake.response = response
         handshake.error = error
         handshake.health_check = health_check
         if request is not None:
             handshake.path = request.path.split("?", 1)[0]
-            handshake.route = self.routes(request.path)
+            # Rejected requests for arbitrary paths must not fill the bounded route table.
+            route_of = self.routes if accepted else self.routes.peek
+            handshake.route = route_of(request.path)
         if accepted:
             handshake.outcome = "accepted"
             handshake.status = 101
@@ -454,25 +592,42 @@ class Monitor:
         *,
         handshake: HandshakeRecord | None = None,
         request: Request | None = None,
+        record: ConnectionRecord | None = None,
     ) -> ConnectionRecord:
-        """A connection opened; returns its record, already hooked into the protocol."""
+        """A connection opened; returns its record, hooked into the protocol.
+
+        ``record`` is the one :meth:`prepare` returned, when the adapter hooked the
+        protocol before the handshake.
+        """
         request = request if request is not None else connection.request
         raw_path = request.path if request is not None else "/"
-        record = ConnectionRecord(
-            self,
-            connection,
-            id=str(connection.id),
-            path=raw_path.split("?", 1)[0],
-            route=handshake.route if handshake and handshake.route else self.routes(raw_path),
-            request=request,
-            remote_address=connection.remote_address,
-            subprotocol=connection.subprotocol,
-            client=self.privacy.client(connection.remote_address, request),
-            handshake=handshake,
+        if record is None:
+            record = self.prepare(connection.protocol)
+        record.connection = connection
+        record.id = str(connection.id)
+        record.path = raw_path.split("?", 1)[0]
+        record.route = (
+            handshake.route if handshake and handshake.route else self.routes(raw_path)
         )
-        if self.count_frames:
-            _install_frame_hooks(connection.protocol, record, self)
+        record.request = request
+        record.remote_address = connection.remote_address
+        record.subprotocol = connection.subprotocol
+        record.client = self.privacy.client(connection.remote_address, request)
+        record.handshake = handshake
+        record.opened_at = _now()
+        record.opened_unix = time.time()
         self._dispatch("connection_opened", record)
+        return record
+
+    def prepare(self, protocol: Protocol) -> ConnectionRecord:
+        """A record counting ``protocol``'s frames from now on, before the handshake ends.
+
+        The threading server parses frames in a reader thread that can run before the
+        handler starts: hooking the protocol at creation time misses none.
+        """
+        record = ConnectionRecord(self)
+        if self.count_frames:
+            _install_frame_hooks(protocol, record, self)
         return record
 
     def failed(self, record: ConnectionRecord, exc: BaseException) -> None:
@@ -487,8 +642,12 @@ class Monitor:
         record.message_done(None)
         record.closed_at = _now()
         rcvd = protocol.close_rcvd
-        record.close_code = rcvd.code if rcvd is not None else 1006
-        record.close_reason = rcvd.reason if rcvd is not None else ""
+        if rcvd is not None:
+            record.close_code = rcvd.code
+            record.close_reason = rcvd.reason
+        elif record.close_code is None:
+            # No close frame, not even one websockets rejected (see recv_frame).
+            record.close_code = 1006
         if record.error_type is None:
             record.error_type = classify_close(protocol)
         self._dispatch("connection_closed", record)

@@ -43,6 +43,13 @@ def build_monitor(config: Config) -> Monitor:
     return Monitor(config, sinks)
 
 
+def _is_async(func: Callable[..., Any]) -> bool:
+    """Coroutine functions, partials of them and objects with an ``async def __call__``."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - the method, not callable()
+    )
+
+
 def _monitor_of(handler: Any) -> Monitor | None:
     monitor = getattr(handler, "__ws_monitoring__", None)
     return monitor if isinstance(monitor, Monitor) else None
@@ -72,12 +79,12 @@ def instrument(handler: Any = None, /, **options: Any) -> Any:
     def decorate(func: H) -> H:
         if _monitor_of(func) is not None:
             raise TypeError(f"{func!r} is already instrumented")
+        if not callable(func):
+            raise TypeError(f"expected a connection handler, got {func!r}")
         monitor = build_monitor(config)
-        if inspect.iscoroutinefunction(func):
+        if _is_async(func):
             return asyncio_server.instrument_async(func, monitor)  # type: ignore[return-value]
-        if callable(func):
-            return sync_server.instrument_sync(func, monitor)  # type: ignore[return-value]
-        raise TypeError(f"expected a connection handler, got {func!r}")
+        return sync_server.instrument_sync(func, monitor)  # type: ignore[return-value]
 
     return decorate if handler is None else decorate(handler)
 

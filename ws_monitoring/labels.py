@@ -69,8 +69,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
 
 
 def _compile_template(template: str) -> re.Pattern[str]:
-    if not template.startswith("/"):
-        raise ValueError(f"route template {template!r} must start with '/'")
+    # Config has checked the template starts with "/".
     pattern, pos = [], 0
     for match in _PLACEHOLDER.finditer(template):
         pattern.append(re.escape(template[pos : match.start()]))
@@ -142,3 +141,17 @@ class RouteMapper:
                     self._folded += 1
                     return self._overflow
             return label
+
+    def peek(self, path: str) -> str:
+        """The label ``path`` has without claiming a place in the table (for rejected requests).
+
+        A route already in the table, or a template (bounded by configuration), is
+        returned as is; anything else is the overflow value.
+        """
+        route = self.group(path)
+        label = self._seen.get(route)
+        if label is not None:
+            return label
+        if self._templates or route == self._unmatched:
+            return route
+        return self._overflow

@@ -223,8 +223,11 @@ class MetricsSink:
             hist.observe(self.config.connection_duration_buckets, connection.age)
             key = (route, code)
             self._disconnections[key] = self._disconnections.get(key, 0) + 1
-        if connection.error_type is not None and connection.error_type != "handler_exception":
-            self._count_error(route, connection.error_type)
+            kind = connection.error_type
+            # Under the same lock: a scrape sees the close and its error together.
+            if kind is not None and kind != "handler_exception":
+                key = (route, kind)
+                self._errors[key] = self._errors.get(key, 0) + 1
 
     def shutdown(self, timeout: float) -> None:
         """In multiprocess mode, publish the last values; otherwise nothing to flush."""

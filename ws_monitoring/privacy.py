@@ -1,25 +1,136 @@
-"""Privacy layer (interface stub; the logging/privacy work completes it).
+"""Privacy layer: one anonymizer and one consent model for every sink.
 
-Every sink emits client data only through :class:`Client` views built here.
+Every sink emits client data only through what this module produces: the
+:class:`Client` view on each connection record (``record.client``), and the scrubbers
+:meth:`Privacy.scrub` (span attributes, Alertmanager labels and annotations, log
+extras), :meth:`Privacy.scrub_text` (free text) and :meth:`Privacy.scrub_event`
+(Sentry events, inside ``before_send``). One :class:`Privacy` exists per instrumented
+server (``monitor.privacy``); :func:`privacy_of` finds it from a connection, a server
+or an instrumented handler.
+
+Defaults (no consent):
+
+* Client IPs are truncated: the last octet of IPv4, the last 80 bits of IPv6 (IPv4
+  addresses mapped into IPv6 are treated as IPv4). With ``config.pseudonymize_ips`` they
+  are replaced by a keyed hash instead.
+* Pseudonyms are HMAC-SHA256 (first 128 bits, hex) with a secret key from
+  ``config.pseudonym_key``, else ``WS_MONITORING_PSEUDONYM_KEY``, else a random
+  per-process key (pseudonyms then change across restarts; one warning per server).
+  Kinds are domain-separated: a user id and an IP with the same text hash differently.
+* User ids (``config.user_id_resolver(request)``, else websockets' basic-auth
+  ``connection.username``, else the user name of a ``Basic`` ``Authorization`` header)
+  are pseudonymized.
+* Query strings are dropped; ``Authorization``, ``Cookie``, ``Sec-WebSocket-Key`` and
+  token-like fields are never emitted; payloads are never emitted.
+
+Consent purposes (:data:`PURPOSES`): ``"ip"`` (raw client IP), ``"user"`` (raw user id),
+``"payload"`` (message payloads in DEBUG logs, truncated to ``config.log_payloads``).
+Consent comes from, in order: an explicit per-connection :func:`grant`/:func:`withdraw`;
+a per-user entry (:meth:`Privacy.grant_user`/:meth:`Privacy.withdraw_user`, applying to
+that user's later connections); ``config.consent_resolver(request)``; else none.
+
+The client IP is the peer address, unless the peer is one of ``config.trusted_proxies``:
+then the ``Forwarded`` header (RFC 7239), or else ``X-Forwarded-For``, is walked from
+the right, skipping trusted proxies; the first other hop is the client (``None`` when
+that hop is not an IP address, e.g. ``unknown`` or an obfuscated node). Headers from an
+untrusted peer are ignored.
+
+Consent journal: every grant and withdrawal is logged at INFO on the
+``ws_monitoring.consent`` logger (:data:`JOURNAL_LOGGER`) with the entry in the record
+attribute ``consent_entry``: ``time`` (UTC ISO-8601), ``action`` (``grant`` or
+``withdraw``), ``scope`` (``connection`` or ``user``), ``subject`` (pseudonymous:
+``user:<hash>``, ``ip:<hash>`` or ``connection:<uuid>``), ``connection_id``, ``purposes``
+(those granted or withdrawn), ``consent`` (the purposes in force afterwards) and
+``policy_version``. :func:`ws_monitoring.logging_config.setup_logging` writes it as JSON
+lines to its own file (``consent_journal=path``). It never holds a raw identifier.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
+import hmac
 import ipaddress
-from typing import Any
+import logging
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 
-__all__ = ["Client", "Consent", "Privacy"]
+if TYPE_CHECKING:
+    from .core import ConnectionRecord, Monitor
+
+__all__ = [
+    "JOURNAL_LOGGER",
+    "NO_CONSENT",
+    "PSEUDONYM_KEY_ENV",
+    "PURPOSES",
+    "PURPOSE_IP",
+    "PURPOSE_PAYLOAD",
+    "PURPOSE_USER",
+    "Client",
+    "Consent",
+    "Privacy",
+    "grant",
+    "grant_user",
+    "privacy_of",
+    "truncate_ip",
+    "withdraw",
+    "withdraw_user",
+]
+
+logger = logging.getLogger("ws_monitoring.privacy")
+journal_logger = logging.getLogger("ws_monitoring.consent")
+
+#: Logger of the consent journal.
+JOURNAL_LOGGER = journal_logger.name
+#: Environment variable holding the secret key for pseudonyms (UTF-8 text).
+PSEUDONYM_KEY_ENV = "WS_MONITORING_PSEUDONYM_KEY"
+
+PURPOSE_IP = "ip"
+PURPOSE_USER = "user"
+PURPOSE_PAYLOAD = "payload"
+#: Every purpose a consent can name.
+PURPOSES = frozenset({PURPOSE_IP, PURPOSE_USER, PURPOSE_PAYLOAD})
+
+#: Replaces a value that must never be emitted.
+REDACTED = "[redacted]"
+
+# Drawn once at import and never changed: pseudonyms stay stable within a process
+# across servers when no key is configured.
+_PROCESS_KEY = secrets.token_bytes(32)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _check_purposes(purposes: Iterable[str]) -> frozenset[str]:
+    if isinstance(purposes, str):
+        raise TypeError("purposes: pass a collection of purposes, not a single string")
+    result = frozenset(purposes)
+    unknown = result - PURPOSES
+    if unknown:
+        raise ValueError(f"unknown consent purpose(s) {sorted(unknown)}; known: {sorted(PURPOSES)}")
+    return result
 
 
 @dataclasses.dataclass(frozen=True)
 class Consent:
-    """What a data subject agreed to: ``purposes`` under ``policy_version``."""
+    """What a data subject agreed to: ``purposes`` under ``policy_version``.
+
+    Raises:
+        ValueError: a purpose outside :data:`PURPOSES`.
+    """
 
     purposes: frozenset[str] = frozenset()
     policy_version: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "purposes", _check_purposes(self.purposes))
 
     def allows(self, purpose: str) -> bool:
         return purpose in self.purposes
@@ -28,33 +139,782 @@ class Consent:
 NO_CONSENT = Consent()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Client:
-    """What sinks may emit about a client: already anonymized unless consented."""
+    """What sinks may emit about a client: anonymized unless consented.
+
+    ``ip`` is the raw client IP only with consent to ``"ip"``, else truncated or
+    pseudonymized; ``user`` is the raw user id only with consent to ``"user"``, else a
+    pseudonym (``None`` when no user is known). ``subject`` is always pseudonymous: the
+    consent journal's subject for this client.
+    """
 
     ip: str | None
     user: str | None
     consent: Consent = NO_CONSENT
+    subject: str | None = None
 
     def allows(self, purpose: str) -> bool:
         return self.consent.allows(purpose)
 
 
-def truncate_ip(address: str) -> str:
+# -- IP addresses ---------------------------------------------------------------------------
+
+_V4_KEEP = (1 << 32) - (1 << 8)  # /24
+_V6_KEEP = (1 << 128) - (1 << 80)  # /48
+
+
+def _parse_ip(address: str) -> IPAddress:
     ip = ipaddress.ip_address(address)
-    if ip.version == 4:
-        net = ipaddress.ip_network(f"{ip}/24", strict=False)
-    else:
-        net = ipaddress.ip_network(f"{ip}/48", strict=False)
-    return str(net.network_address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.scope_id is not None:
+            # The zone names a local interface: not part of the address's identity.
+            ip = ipaddress.IPv6Address(int(ip))
+    return ip
+
+
+def truncate_ip(address: str) -> str:
+    """``address`` without its host bits: last octet of IPv4, last 80 bits of IPv6.
+
+    IPv4-mapped IPv6 addresses are truncated as IPv4; an IPv6 zone is dropped.
+
+    Raises:
+        ValueError: ``address`` is not an IP address.
+    """
+    return str(_truncate(_parse_ip(address)))
+
+
+def _truncate(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ipaddress.IPv4Address(int(ip) & _V4_KEEP)
+    return ipaddress.IPv6Address(int(ip) & _V6_KEEP)
+
+
+def _parse_node(node: str) -> IPAddress | None:
+    """An IP from a ``Forwarded``/``X-Forwarded-For`` node, without port; else ``None``."""
+    node = node.strip().strip('"').strip()
+    if node.startswith("["):
+        node = node[1:].split("]", 1)[0]
+    elif node.count(":") == 1:
+        node = node.split(":", 1)[0]
+    try:
+        return _parse_ip(node)
+    except ValueError:
+        return None
+
+
+def _forwarded_for(values: list[str]) -> list[str]:
+    """The ``for=`` nodes of ``Forwarded`` header values, left to right."""
+    nodes: list[str] = []
+    for value in values:
+        for element in value.split(","):
+            node = "unknown"  # an element without for= hides its client
+            for pair in element.split(";"):
+                name, _, param = pair.partition("=")
+                if name.strip().lower() == "for":
+                    node = param
+            nodes.append(node)
+    return nodes
+
+
+# -- scrubbing rules ------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(
+    r"auth|cookie|token|secret|passw|session|api_?key|apikey|credential|private_?key"
+    r"|signature|jwt|csrf|xsrf|bearer|sec_websocket_key|x_api",
+)
+_IP_KEYS = frozenset(
+    {
+        "ip", "addr", "address", "client_ip", "remote_addr", "remote_address", "remote_ip",
+        "peer", "peer_address", "peer_ip", "ip_address", "x_forwarded_for", "forwarded",
+        "x_real_ip", "true_client_ip", "cf_connecting_ip", "x_client_ip",
+    }
+)  # fmt: skip
+_USER_KEYS = frozenset(
+    {"user", "user_id", "userid", "username", "user_name", "email", "login", "enduser"}
+)
+_USER_PATH = re.compile(r"(?:^|\.)(?:end)?user\.(?:id|name|username|email|login)$")
+_QUERY_KEYS = frozenset({"query", "query_string", "querystring", "search", "params"})
+_URL_KEYS = frozenset(
+    {
+        "url", "uri", "full", "target", "href", "referer", "referrer", "location", "path",
+        "request_uri", "http_url", "http_target", "origin",
+    }
+)  # fmt: skip
+
+_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%]*")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+_BEARER = re.compile(r"(?i)\b(bearer|basic|digest|token)(\s+)[A-Za-z0-9._~+/=-]+")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SECRET_PARAM = re.compile(
+    r"(?i)\b([\w-]*(?:token|secret|passw\w*|api_?key|apikey|auth\w*|session\w*|sid|key|"
+    r"cookie|jwt|signature|code))(\s*[=:]\s*)"
+    r"(\"[^\"]*\"|'[^']*'|(?:(?:bearer|basic|digest)\s+)?[^\s&,;\"'<>]+)"
+)
+_QUERY = re.compile(r"\?[^\s\"'<>]*")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_EMAIL = re.compile(r"[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+_MAX_DEPTH = 32
+#: Sentry event keys handled field by field; anything else goes through :meth:`scrub`.
+_EVENT_SAFE = frozenset(
+    {
+        "event_id", "timestamp", "start_timestamp", "platform", "level", "logger", "sdk",
+        "release", "environment", "server_name", "modules", "type", "fingerprint",
+        "transaction_info", "measurements", "dist", "debug_meta",
+    }
+)  # fmt: skip
+
+
+def _norm(key: object) -> str:
+    return str(key).lower().replace("-", "_")
+
+
+def _coerce_consent(value: Any) -> Consent:
+    """A :class:`Consent` from what a ``consent_resolver`` returned."""
+    if value is None:
+        return NO_CONSENT
+    if isinstance(value, Consent):
+        return value
+    if isinstance(value, Mapping):
+        purposes = value.get("purposes", ())
+        version = value.get("policy_version")
+        return Consent(_known(purposes), None if version is None else str(version))
+    return Consent(_known(value))
+
+
+def _known(purposes: Any) -> frozenset[str]:
+    if isinstance(purposes, str):
+        purposes = (purposes,)
+    given = frozenset(str(p) for p in purposes)
+    if given - PURPOSES:
+        logger.warning(
+            "consent_resolver returned unknown purpose(s) %s: ignored", sorted(given - PURPOSES)
+        )
+    return given & PURPOSES
+
+
+def _utc_now() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Privacy:
-    """Builds :class:`Client` views for one server's configuration."""
+    """Anonymizer and consent state for one server's configuration.
 
-    def __init__(self, config: Config) -> None:
+    Thread-safe. ``max_users`` bounds the per-user consent entries kept in memory (the
+    oldest entry is forgotten first); keep consent in your own store and supply
+    ``config.consent_resolver`` beyond that.
+
+    Raises:
+        ValueError: an entry of ``config.trusted_proxies`` is not an IP or CIDR.
+    """
+
+    def __init__(self, config: Config, *, max_users: int = 100_000) -> None:
         self._config = config
+        self._max_users = max_users
+        self._lock = threading.Lock()
+        self._users: dict[str, Consent] = {}
+        self._warned = False
+        proxies = []
+        for entry in config.trusted_proxies:
+            try:
+                proxies.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP or CIDR") from None
+        self._proxies = tuple(proxies)
+        key = config.pseudonym_key
+        if key is None and (env := os.environ.get(PSEUDONYM_KEY_ENV)):
+            key = env.encode()
+        self._key = key
 
-    def client(self, remote_address: Any, request: Any) -> Client:
-        host = remote_address[0] if isinstance(remote_address, tuple) else None
-        return Client(ip=truncate_ip(host) if host else None, user=None)
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    # -- pseudonyms and IPs -----------------------------------------------------------------
+
+    def _get_key(self) -> bytes:
+        if self._key is not None:
+            return self._key
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "no pseudonym key (config.pseudonym_key or %s): using a random per-process "
+                "key, so pseudonyms change when the process restarts",
+                PSEUDONYM_KEY_ENV,
+            )
+        return _PROCESS_KEY
+
+    def pseudonymize(self, value: str, kind: str = "user") -> str:
+        """Keyed pseudonym of ``value``: 32 hex digits of HMAC-SHA256 over ``kind:value``."""
+        message = f"{kind}:{value}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._get_key(), message, hashlib.sha256).hexdigest()[:32]
+
+    def anonymize_ip(self, address: str) -> str:
+        """``address`` truncated, or pseudonymized with ``config.pseudonymize_ips``.
+
+        Raises:
+            ValueError: ``address`` is not an IP address.
+        """
+        return self._anonymize(_parse_ip(address))
+
+    def _anonymize(self, ip: IPAddress) -> str:
+        if self._config.pseudonymize_ips:
+            return self.pseudonymize(str(ip), "ip")
+        return str(_truncate(ip))
+
+    def _trusted(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self._proxies)
+
+    def client_ip(self, remote_address: Any, request: Any) -> str | None:
+        """The raw client IP (see the module docstring); ``None`` when unknown.
+
+        Never emit it: it is for :meth:`client` and for callers that check consent.
+        """
+        ip = self._client_address(remote_address, request)
+        return None if ip is None else str(ip)
+
+    def _client_address(self, remote_address: Any, request: Any) -> IPAddress | None:
+        host = remote_address[0] if isinstance(remote_address, tuple) and remote_address else None
+        if not isinstance(host, str):
+            return None
+        try:
+            peer = _parse_ip(host)
+        except ValueError:
+            return None
+        headers = getattr(request, "headers", None)
+        if headers is None or not self._proxies or not self._trusted(peer):
+            return peer
+        forwarded = headers.get_all("Forwarded")
+        nodes = (
+            _forwarded_for(forwarded)
+            if forwarded
+            else [n for v in headers.get_all("X-Forwarded-For") for n in v.split(",")]
+        )
+        if not nodes:
+            return peer
+        hop: IPAddress | None = None
+        for node in reversed(nodes):
+            hop = _parse_node(node)
+            if hop is None or not self._trusted(hop):
+                break
+        return hop
+
+    def user_id(self, request: Any, username: str | None = None) -> str | None:
+        """The raw user id: ``user_id_resolver``, else ``username``, else basic auth."""
+        resolver = self._config.user_id_resolver
+        if resolver is not None and request is not None:
+            try:
+                user = resolver(request)
+            except Exception as exc:
+                logger.warning("user_id_resolver raised %s: no user id", type(exc).__name__)
+            else:
+                if user is not None and str(user):
+                    return str(user)
+        if username:
+            return str(username)
+        headers = getattr(request, "headers", None)
+        authorization = headers.get("Authorization") if headers is not None else None
+        if authorization:
+            from websockets.exceptions import InvalidHeader
+            from websockets.headers import parse_authorization_basic
+
+            try:
+                return parse_authorization_basic(authorization)[0] or None
+            except InvalidHeader:
+                return None
+        return None
+
+    # -- consent ----------------------------------------------------------------------------
+
+    def consent_for(self, request: Any, user: str | None) -> Consent:
+        """Consent of a new connection: the user's entry, else ``consent_resolver``."""
+        if user is not None:
+            with self._lock:
+                entry = self._users.get(self.pseudonymize(user))
+            if entry is not None:
+                return entry
+        resolver = self._config.consent_resolver
+        if resolver is None or request is None:
+            return NO_CONSENT
+        try:
+            return _coerce_consent(resolver(request))
+        except Exception as exc:
+            logger.warning("consent_resolver raised %s: no consent", type(exc).__name__)
+            return NO_CONSENT
+
+    def client(
+        self,
+        remote_address: Any,
+        request: Any,
+        *,
+        username: str | None = None,
+        consent: Consent | None = None,
+    ) -> Client:
+        """The privacy-safe view of a client; ``consent`` overrides the resolved one."""
+        ip = self._client_address(remote_address, request)
+        user = self.user_id(request, username)
+        if consent is None:
+            consent = self.consent_for(request, user)
+        shown_ip = shown_user = subject = None
+        if user is not None:
+            alias = self.pseudonymize(user)
+            subject = f"user:{alias}"
+            shown_user = user if consent.allows(PURPOSE_USER) else alias
+        if ip is not None:
+            pseudonymize = self._config.pseudonymize_ips
+            # One keyed hash at most: the shown pseudonym and the journal subject agree.
+            ip_alias = self.pseudonymize(str(ip), "ip") if pseudonymize or subject is None else ""
+            subject = subject or f"ip:{ip_alias}"
+            if consent.allows(PURPOSE_IP):
+                shown_ip = str(ip)
+            else:
+                shown_ip = ip_alias if pseudonymize else str(_truncate(ip))
+        return Client(ip=shown_ip, user=shown_user, consent=consent, subject=subject)
+
+    def user_consent(self, user_id: str) -> Consent | None:
+        """The per-user consent entry of ``user_id``, or ``None`` if there is none."""
+        with self._lock:
+            return self._users.get(self.pseudonymize(str(user_id)))
+
+    def grant_user(self, user_id: str, *, purposes: Iterable[str], policy_version: str) -> Consent:
+        """Add ``purposes`` to the consent of ``user_id``'s later connections; journaled.
+
+        Raises:
+            ValueError: an unknown purpose or an empty ``policy_version``.
+        """
+        granted = _check_purposes(purposes)
+        _check_version(policy_version)
+        key = self.pseudonymize(str(user_id))
+        with self._lock:
+            old = self._users.pop(key, NO_CONSENT)
+            new = Consent(old.purposes | granted, policy_version)
+            self._store(key, new)
+        self.journal("grant", f"user:{key}", granted, new, scope="user")
+        return new
+
+    def withdraw_user(
+        self,
+        user_id: str,
+        *,
+        purposes: Iterable[str] | None = None,
+        policy_version: str | None = None,
+    ) -> Consent:
+        """Withdraw ``purposes`` (all if ``None``) for ``user_id``'s later connections.
+
+        The entry is kept (with what remains), so a ``consent_resolver`` cannot
+        override a withdrawal. Journaled.
+
+        Raises:
+            ValueError: an unknown purpose.
+        """
+        key = self.pseudonymize(str(user_id))
+        with self._lock:
+            old = self._users.pop(key, NO_CONSENT)
+            removed = old.purposes if purposes is None else _check_purposes(purposes)
+            new = Consent(old.purposes - removed, policy_version or old.policy_version)
+            self._store(key, new)
+        self.journal("withdraw", f"user:{key}", removed, new, scope="user")
+        return new
+
+    def _store(self, key: str, consent: Consent) -> None:
+        self._users[key] = consent
+        while len(self._users) > self._max_users:
+            del self._users[next(iter(self._users))]
+
+    def journal(
+        self,
+        action: str,
+        subject: str,
+        purposes: Iterable[str],
+        consent: Consent,
+        *,
+        scope: str,
+        connection_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Append an entry to the consent journal and return it (see module docstring)."""
+        entry: dict[str, Any] = {
+            "time": _utc_now(),
+            "action": action,
+            "scope": scope,
+            "subject": subject,
+            "connection_id": connection_id,
+            "purposes": sorted(purposes),
+            "consent": sorted(consent.purposes),
+            "policy_version": consent.policy_version,
+        }
+        journal_logger.info("consent %s", action, extra={"consent_entry": entry})
+        return entry
+
+    # -- scrubbing --------------------------------------------------------------------------
+
+    def _replace_ip(self, match: re.Match[str]) -> str:
+        text = match.group(0)
+        # "2001:db8::" is an address; in "peer 2001:db8::1: closed" the last ":" is prose.
+        for candidate in (text, text.rstrip(":.")):
+            try:
+                ip = _parse_ip(candidate)
+                break
+            except ValueError:
+                continue
+        else:
+            return text
+        if ip.is_loopback or ip.is_unspecified:
+            # Identifies no one, and keeps "listening on 127.0.0.1:8765" readable.
+            return text
+        return self._anonymize(ip) + text[len(candidate) :]
+
+    def scrub_text(self, text: str) -> str:
+        """``text`` with IPs anonymized, emails pseudonymized, and query strings,
+        URL credentials, bearer/basic credentials, JWTs and ``token=...``-like
+        values removed. Lone surrogates become U+FFFD."""
+        if _SURROGATE.search(text):
+            text = _SURROGATE.sub("\ufffd", text)
+        if "://" in text:
+            text = _USERINFO.sub(r"\1", text)
+        if "?" in text:
+            text = _QUERY.sub("", text)
+        if "eyJ" in text:
+            text = _JWT.sub(REDACTED, text)
+        text = _SECRET_PARAM.sub(rf"\1\2{REDACTED}", text)
+        text = _BEARER.sub(rf"\1\2{REDACTED}", text)
+        if "@" in text:
+            text = _EMAIL.sub(lambda m: "user:" + self.pseudonymize(m.group(0)), text)
+        if ":" in text:
+            text = _IPV6_CANDIDATE.sub(self._replace_ip, text)
+        if "." in text:
+            text = _IPV4.sub(self._replace_ip, text)
+        return text
+
+    def scrub(self, mapping: Mapping[Any, Any], *, keep: Iterable[str] = ()) -> dict[str, Any]:
+        """A copy of ``mapping`` safe to emit; the input is not modified.
+
+        Recursive through mappings and lists. By key (case-insensitive, ``-`` = ``_``,
+        judged on the last dotted component): secrets (``authorization``, ``cookie``,
+        ``*token*``, ``sec-websocket-key``, ``password``...) and query strings
+        (``query``, ``query_string``...) are dropped; IP fields (``client.ip``,
+        ``x-forwarded-for``, ``network.peer.address``...) are anonymized, user fields
+        (``user.id``, ``enduser.id``, ``username``, ``email``...) pseudonymized, URL
+        fields lose their query string. Every other string goes through
+        :meth:`scrub_text`; bytes are replaced by ``<N bytes>`` (they may be payloads).
+        Keys in ``keep`` (exact, top level) are copied untouched: use it for values
+        already taken from a :class:`Client` view. Depth is capped at 32 levels.
+        """
+        kept = frozenset(keep)
+        result: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = str(key)
+            if name in kept:
+                result[name] = value
+                continue
+            out = self._scrub_item(name, value, 0)
+            if out is not _DROP:
+                result[name] = out
+        return result
+
+    def _scrub_item(self, key: str, value: Any, depth: int) -> Any:
+        path = _norm(key)
+        last = path.rsplit(".", 1)[-1]
+        if _SECRET_KEY.search(last) or last in _QUERY_KEYS:
+            return _DROP
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if last in _IP_KEYS and not isinstance(value, Mapping):
+            return self._scrub_ips(value, depth)
+        if (last in _USER_KEYS or _USER_PATH.search(path)) and not isinstance(value, Mapping):
+            return self._scrub_users(value, depth)
+        if last in _URL_KEYS and isinstance(value, str):
+            return self.scrub_text(value.split("?", 1)[0])
+        return self._scrub_value(value, depth, path)
+
+    def _scrub_value(self, value: Any, depth: int, path: str = "") -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            return self.scrub_text(value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return f"<{len(value)} bytes>"
+        if depth >= _MAX_DEPTH:
+            return "[depth limit]"
+        if isinstance(value, Mapping):
+            result: dict[str, Any] = {}
+            for k, v in value.items():
+                out = self._scrub_item(f"{path}.{k}" if path else str(k), v, depth + 1)
+                if out is not _DROP:
+                    result[str(k)] = out
+            return result
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._scrub_value(v, depth + 1, path) for v in value]
+        try:
+            text = str(value)
+        except Exception:
+            text = f"<unprintable {type(value).__name__}>"
+        return self.scrub_text(text)
+
+    def _scrub_ips(self, value: Any, depth: int) -> Any:
+        if isinstance(value, list | tuple):
+            return [self._scrub_ips(v, depth + 1) for v in value]
+        if not isinstance(value, str):
+            return REDACTED
+        parts = []
+        for part in value.split(","):
+            ip = _parse_node(part)
+            parts.append(REDACTED if ip is None else self._anonymize(ip))
+        return ", ".join(parts)
+
+    def _scrub_users(self, value: Any, depth: int) -> Any:
+        if isinstance(value, list | tuple):
+            return [self._scrub_users(v, depth + 1) for v in value]
+        return self.pseudonymize(str(value))
+
+    def scrub_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of a Sentry event safe to send; use it inside ``before_send``.
+
+        ``request``: ``url`` loses its query, ``query_string``, ``cookies`` and
+        ``data`` are dropped, ``headers`` and ``env`` are scrubbed (``REMOTE_ADDR``
+        anonymized). ``user``: ids, names and emails pseudonymized, ``ip_address``
+        anonymized. Exception and thread stack frames lose their local variables
+        (``vars``: they hold payloads); exception values, messages, log entries and
+        breadcrumbs go through :meth:`scrub_text`/:meth:`scrub`. ``extra``,
+        ``contexts``, ``tags``, ``spans`` and unknown keys go through :meth:`scrub`.
+        """
+        result: dict[str, Any] = {}
+        for key, value in event.items():
+            if key in _EVENT_SAFE:
+                result[key] = value
+            elif key == "request" and isinstance(value, Mapping):
+                result[key] = self._scrub_request(value)
+            elif key == "user" and isinstance(value, Mapping):
+                result[key] = self._scrub_user(value)
+            elif key in ("exception", "threads") and isinstance(value, Mapping):
+                result[key] = self._scrub_exceptions(value)
+            elif key == "breadcrumbs":
+                result[key] = self._scrub_breadcrumbs(value)
+            elif key == "transaction" and isinstance(value, str):
+                result[key] = self.scrub_text(value.split("?", 1)[0])
+            else:
+                out = self._scrub_item(key, value, 0)
+                if out is not _DROP:
+                    result[key] = out
+        return result
+
+    def _scrub_request(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in request.items():
+            if key in ("query_string", "cookies", "data"):
+                continue
+            if key == "url" and isinstance(value, str):
+                result[key] = self.scrub_text(value.split("?", 1)[0])
+            elif key in ("headers", "env") and isinstance(value, Mapping):
+                result[key] = self.scrub(value)
+            elif key == "method":
+                result[key] = value
+            else:
+                out = self._scrub_item(key, value, 1)
+                if out is not _DROP:
+                    result[key] = out
+        return result
+
+    def _scrub_user(self, user: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in user.items():
+            if value is None:
+                result[key] = None
+            elif key in ("id", "username", "email", "name"):
+                result[key] = self.pseudonymize(str(value))
+            elif key == "ip_address":
+                ip = _parse_node(str(value))
+                # Anything else ("{{auto}}") would let Sentry fill in the raw address.
+                result[key] = None if ip is None else self._anonymize(ip)
+            else:
+                out = self._scrub_item(key, value, 1)
+                if out is not _DROP:
+                    result[key] = out
+        return result
+
+    def _scrub_exceptions(self, container: Mapping[str, Any]) -> dict[str, Any]:
+        values = container.get("values")
+        result = {k: v for k, v in container.items() if k != "values"}
+        if not isinstance(values, list):
+            return result
+        cleaned = []
+        for item in values:
+            if not isinstance(item, Mapping):
+                continue
+            entry = dict(item)
+            if isinstance(entry.get("value"), str):
+                entry["value"] = self.scrub_text(entry["value"])
+            stacktrace = entry.get("stacktrace")
+            if isinstance(stacktrace, Mapping):
+                frames = stacktrace.get("frames")
+                entry["stacktrace"] = {
+                    **stacktrace,
+                    "frames": [
+                        {k: v for k, v in frame.items() if k != "vars"}
+                        for frame in (frames if isinstance(frames, list) else [])
+                        if isinstance(frame, Mapping)
+                    ],
+                }
+            cleaned.append(entry)
+        result["values"] = cleaned
+        return result
+
+    def _scrub_breadcrumbs(self, breadcrumbs: Any) -> Any:
+        if isinstance(breadcrumbs, Mapping):
+            values = breadcrumbs.get("values")
+            return {**breadcrumbs, "values": self._scrub_breadcrumbs(values or [])}
+        if isinstance(breadcrumbs, list):
+            return [self._scrub_value(crumb, 1) for crumb in breadcrumbs]
+        return []
+
+
+_DROP: Any = object()
+
+
+def _check_version(policy_version: Any) -> None:
+    if not isinstance(policy_version, str) or not policy_version:
+        raise ValueError("policy_version: a non-empty string naming the policy consented to")
+
+
+# -- the application's API ------------------------------------------------------------------
+
+
+def _record_of(connection: Any) -> ConnectionRecord:
+    from .asyncio_server import RECORD_ATTR
+
+    record = getattr(connection, RECORD_ATTR, None)
+    if record is None:
+        raise ValueError(
+            "this connection is not instrumented by ws_monitoring (or its handler has not "
+            "started yet): grant and withdraw work inside an instrumented handler"
+        )
+    return record  # type: ignore[no-any-return]
+
+
+def monitor_of(target: Any) -> Monitor | None:
+    """The monitor of an instrumented handler, or of a websockets server serving one."""
+    from .core import Monitor
+
+    handler = getattr(target, "handler", None)
+    for candidate in (target, handler):
+        monitor = getattr(candidate, "__ws_monitoring__", None)
+        if isinstance(monitor, Monitor):
+            return monitor
+    # websockets' Server.handler is its own wrapper, a closure over the handler
+    # given to serve() (``handler`` in websockets 13 to 17).
+    code = getattr(handler, "__code__", None)
+    closure = getattr(handler, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cell = dict(zip(code.co_freevars, closure, strict=False)).get("handler")
+    try:
+        inner = cell.cell_contents if cell is not None else None
+    except ValueError:  # an empty cell
+        return None
+    monitor = getattr(inner, "__ws_monitoring__", None)
+    return monitor if isinstance(monitor, Monitor) else None
+
+
+def privacy_of(target: Any) -> Privacy:
+    """The :class:`Privacy` of an instrumented connection, server, handler or monitor.
+
+    Raises:
+        TypeError: ``target`` is none of those.
+    """
+    from .asyncio_server import RECORD_ATTR
+    from .core import Monitor
+
+    if isinstance(target, Privacy):
+        return target
+    record = getattr(target, RECORD_ATTR, None)
+    if record is not None:
+        return record.monitor.privacy  # type: ignore[no-any-return]
+    if isinstance(target, Monitor):
+        return target.privacy
+    monitor = monitor_of(target)
+    if monitor is not None:
+        return monitor.privacy
+    raise TypeError(f"{target!r} is not an instrumented connection, server or handler")
+
+
+def _rebuild(record: ConnectionRecord, consent: Consent) -> None:
+    privacy: Privacy = record.monitor.privacy
+    record.client = privacy.client(
+        record.remote_address,
+        record.request,
+        username=getattr(record.connection, "username", None),
+        consent=consent,
+    )
+
+
+def _subject(record: ConnectionRecord) -> str:
+    return record.client.subject or f"connection:{record.id}"
+
+
+def grant(connection: Any, *, purposes: Iterable[str], policy_version: str) -> Client:
+    """Add ``purposes`` to the consent of this open connection; journaled.
+
+    ``record.client`` is rebuilt at once: later log lines and spans of this connection
+    carry the consented raw values. Returns the new :class:`Client`.
+
+    Raises:
+        ValueError: the connection is not instrumented, an unknown purpose, or an
+            empty ``policy_version``.
+    """
+    record = _record_of(connection)
+    granted = _check_purposes(purposes)
+    _check_version(policy_version)
+    consent = Consent(record.client.consent.purposes | granted, policy_version)
+    _rebuild(record, consent)
+    record.monitor.privacy.journal(
+        "grant", _subject(record), granted, consent, scope="connection", connection_id=record.id
+    )
+    return record.client
+
+
+def withdraw(
+    connection: Any,
+    *,
+    purposes: Iterable[str] | None = None,
+    policy_version: str | None = None,
+) -> Client:
+    """Withdraw ``purposes`` (all if ``None``) from this open connection; journaled.
+
+    Returns the new :class:`Client`.
+
+    Raises:
+        ValueError: the connection is not instrumented, or an unknown purpose.
+    """
+    record = _record_of(connection)
+    old = record.client.consent
+    removed = old.purposes if purposes is None else _check_purposes(purposes)
+    consent = Consent(old.purposes - removed, policy_version or old.policy_version)
+    _rebuild(record, consent)
+    record.monitor.privacy.journal(
+        "withdraw", _subject(record), removed, consent, scope="connection", connection_id=record.id
+    )
+    return record.client
+
+
+def grant_user(
+    target: Any, user_id: str, *, purposes: Iterable[str], policy_version: str
+) -> Consent:
+    """:meth:`Privacy.grant_user` on the server of ``target`` (see :func:`privacy_of`)."""
+    return privacy_of(target).grant_user(user_id, purposes=purposes, policy_version=policy_version)
+
+
+def withdraw_user(
+    target: Any,
+    user_id: str,
+    *,
+    purposes: Iterable[str] | None = None,
+    policy_version: str | None = None,
+) -> Consent:
+    """:meth:`Privacy.withdraw_user` on the server of ``target`` (see :func:`privacy_of`)."""
+    return privacy_of(target).withdraw_user(
+        user_id, purposes=purposes, policy_version=policy_version
+    )

@@ -5,9 +5,9 @@ Same approach as :mod:`ws_monitoring.asyncio_server`: the handler gets websocket
 message handling, and frames are counted on the sans-I/O protocol, where websockets
 already serializes access with the connection's ``protocol_mutex``.
 
-Only :func:`serve` hooks the connection before its handshake. A handler instrumented
-with :func:`ws_monitoring.instrument` and given to ``websockets.sync.server.serve``
-is hooked when the handler starts; a message that reaches the server's reader thread
+Only :func:`serve` hooks the connection before its handshake (``Monitor.prepare``).
+A handler instrumented with :func:`ws_monitoring.instrument` and given to
+``websockets.sync.server.serve`` is hooked when the handler starts; a message that reaches the server's reader thread
 in the microseconds between the end of the handshake and that moment is not counted.
 """
 
@@ -23,39 +23,62 @@ from websockets.sync.server import Server, ServerConnection
 from websockets.sync.server import serve as ws_serve
 
 from .asyncio_server import _HANDSHAKE_ATTR, RECORD_ATTR, _finish
-from .core import ConnectionRecord, HandshakeRecord, Monitor
+from .core import ConnectionRecord, HandshakeRecord, Monitor, _now
 from .typing import Data
 
 __all__ = ["instrument_sync", "serve"]
 
 SyncHandler = Callable[[ServerConnection], None]
+
+#: The record a connection created by :func:`serve` counts into from its creation.
+_PREPARED_ATTR = "_ws_monitoring_prepared"
 SyncHTTPHook = Callable[..., Response | None]
 
 
-def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
-    orig_recv = connection.recv
-    orig_recv_streaming = connection.recv_streaming
+class _RecvHooks:
+    """``recv``/``recv_streaming`` of one connection, timing how long each message is handled.
 
-    def recv(timeout: float | None = None, decode: bool | None = None) -> Data:
+    Bound methods of one small object rather than two closures: about 350 bytes less per
+    connection for the same cost per call.
+    """
+
+    __slots__ = ("message_sinks", "orig_recv", "orig_recv_streaming", "record")
+
+    def __init__(self, connection: ServerConnection, record: ConnectionRecord) -> None:
+        self.record = record
+        self.orig_recv = connection.recv
+        self.orig_recv_streaming = connection.recv_streaming
+        self.message_sinks = record.monitor.message_sinks
+
+    def recv(self, timeout: float | None = None, decode: bool | None = None) -> Data:
+        record = self.record
         if record.handling_start:
             record.message_done()
-        message = orig_recv(timeout, decode)
-        record.message_handed(message)
+        message = self.orig_recv(timeout, decode)
+        if self.message_sinks:
+            record.message_handed(message)
+        else:
+            # All ``message_handed`` does without message sinks, minus a call per message.
+            record.handling_start = _now()
         return message
 
-    def recv_streaming(decode: bool | None = None) -> Iterator[Data]:
+    def recv_streaming(self, decode: bool | None = None) -> Iterator[Data]:
+        record = self.record
         if record.handling_start:
             record.message_done()
         first = True
-        for fragment in orig_recv_streaming(decode):
+        for fragment in self.orig_recv_streaming(decode):
             if first:
                 first = False
                 record.message_handed(fragment)
             yield fragment
 
+
+def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
+    hooks = _RecvHooks(connection, record)
     # ``for message in connection`` calls ``self.recv()``: it picks this up too.
-    connection.recv = recv  # type: ignore[method-assign, assignment]
-    connection.recv_streaming = recv_streaming  # type: ignore[method-assign, assignment]
+    connection.recv = hooks.recv  # type: ignore[method-assign, assignment]
+    connection.recv_streaming = hooks.recv_streaming  # type: ignore[method-assign, assignment]
 
 
 def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
@@ -63,7 +86,11 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
 
     @functools.wraps(handler)
     def instrumented(connection: ServerConnection) -> None:
-        record = monitor.open(connection, handshake=getattr(connection, _HANDSHAKE_ATTR, None))
+        record = monitor.open(
+            connection,
+            handshake=getattr(connection, _HANDSHAKE_ATTR, None),
+            record=getattr(connection, _PREPARED_ATTR, None),
+        )
         setattr(connection, RECORD_ATTR, record)
         _install_recv_hooks(connection, record)
         try:
@@ -88,10 +115,12 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
 
 def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # Before super().__init__: it starts the reader thread.
+        def __init__(self, sock: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
+            # Before super().__init__, which starts the reader thread: a message sent
+            # right after the handshake may be parsed before the handler starts.
             setattr(self, _HANDSHAKE_ATTR, monitor.handshake_started())
-            super().__init__(*args, **kwargs)
+            setattr(self, _PREPARED_ATTR, monitor.prepare(protocol))
+            super().__init__(sock, protocol, *args, **kwargs)
 
         def handshake(self, *args: Any, **kwargs: Any) -> None:
             record: HandshakeRecord = getattr(self, _HANDSHAKE_ATTR)
@@ -139,7 +168,7 @@ def serve(
     **kwargs: Any,
 ) -> Server:
     """``websockets.sync.server.serve`` with ``monitor`` watching every connection."""
-    return ws_serve(
+    server = ws_serve(
         instrument_sync(handler, monitor),
         host,
         port,
@@ -147,3 +176,6 @@ def serve(
         process_request=chain_process_request(process_request, monitor.config.health_path),
         **kwargs,
     )
+    # Lets the privacy and logging layers find this server's monitor.
+    server.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    return server

@@ -1,0 +1,290 @@
+"""Turning results into a table on stdout, a JSON file and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+__all__ = ["VARIANTS", "chart", "machine", "table", "write_json"]
+
+#: (variant, label, floor variant, budget ratio or None), in report order.
+VARIANTS: tuple[tuple[str, str, str, float | None], ...] = (
+    ("bare", "1. bare websockets (floor)", "bare", None),
+    ("recipe-1pct", "2. common recipe, 1 % sampled", "bare", None),
+    ("recipe-100pct", "2. common recipe, 100 % sampled", "bare", None),
+    ("metrics", "3. ws-monitoring metrics only", "bare", 1.05),
+    ("defaults", "4. ws-monitoring defaults", "bare", 1.10),
+    ("all-spans", "5. ws-monitoring, 100 % spans", "bare", 2.0),
+    ("sync-bare", "6. threading: bare (floor)", "sync-bare", None),
+    ("sync-metrics", "6. threading: metrics only", "sync-bare", None),
+    ("sync-defaults", "6. threading: defaults", "sync-bare", None),
+)
+LABELS = {v: label for v, label, _, _ in VARIANTS}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "loadavg": list(os.getloadavg()),
+        "packages": {
+            name: _version(name)
+            for name in (
+                "websockets",
+                "prometheus_client",
+                "opentelemetry-sdk",
+                "python-json-logger",
+                "ws-monitoring",
+            )
+        },
+        "git": commit,
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]]),
+    }
+
+
+def _fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The human-readable report."""
+    lines: list[str] = []
+    add = lines.append
+    m = results["machine"]
+    add(f"Machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, {m['python']}")
+    add(f"Pinning: {results['config']['pinning']}; load average at start {m['loadavg'][0]:.2f}")
+    main = results.get("main")
+    if main:
+        cfg = results["config"]
+        add("")
+        add(
+            f"Server CPU per message: echo of {cfg['shape']}, {cfg['reps']} interleaved rounds "
+            f"of {cfg['duration']} s; medians (p25-p75)"
+        )
+        add(f"{'variant':34} {'µs/msg':>22} {'ratio to floor':>20} {'budget':>8} {'msg/s':>8}")
+        for variant, label, _floor, budget in VARIANTS:
+            row = main.get(variant)
+            if row is None:
+                continue
+            cpu = row["cpu_us_per_msg"]
+            ratio = row.get("ratio") or {}
+            ok = ""
+            if budget is not None and ratio.get("median") is not None:
+                ok = " ok" if ratio["median"] <= budget else " OVER"
+            add(
+                f"{label:34} "
+                f"{_fmt(cpu['median'], '.2f'):>8} ({_fmt(cpu['p25'], '.1f')}-"
+                f"{_fmt(cpu['p75'], '.1f')}){'':>2} "
+                f"{_fmt(ratio.get('median'), '.3f', 'x'):>8} ({_fmt(ratio.get('p25'), '.2f')}-"
+                f"{_fmt(ratio.get('p75'), '.2f')}) "
+                f"{(_fmt(budget, '.2f', 'x') + ok) if budget else '':>8} "
+                f"{_fmt(row['msgs_per_s']['median'], '.0f'):>8}"
+            )
+        spans = results.get("exports", {}).get("spans", {})
+        if spans:
+            add("Spans received by the local OTLP receiver: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(spans.items())
+            ))  # fmt: skip
+    scaling = results.get("scaling")
+    if scaling:
+        add("")
+        add("Cost scaling: server µs per message (ratio to bare, same rounds), medians")
+        for shape, rows in scaling.items():
+            cells = []
+            for variant, row in rows.items():
+                med = row["cpu_us_per_msg"]["median"]
+                ratio = (row.get("ratio") or {}).get("median")
+                cells.append(
+                    f"{variant} {_fmt(med, '.2f')}"
+                    + ("" if variant == "bare" else f" ({_fmt(ratio, '.3f', 'x')})")
+                )
+            add(f"  {shape:32} " + "  ".join(cells))
+    memory = results.get("memory")
+    if memory:
+        add("")
+        base = memory.get("bare", {}).get("bytes_per_connection")
+        for variant, row in memory.items():
+            extra = ""
+            if base is not None and variant != "bare":
+                extra = f"  (+{row['bytes_per_connection'] - base:.0f} B vs bare; budget +1024 B)"
+            add(
+                f"Memory, {row['connections']} idle connections, {variant}: "
+                f"{row['bytes_per_connection']:.0f} B RSS per connection{extra}"
+            )
+    scrape = results.get("scrape")
+    if scrape:
+        for variant, row in scrape.items():
+            add(
+                f"Scrape of /metrics, {row['connections']} connections on {row['routes']} "
+                f"routes, {variant}: median {row['ms']['median']:.1f} ms, p95 "
+                f"{row['ms']['p95']:.1f} ms, max {row['ms']['max']:.1f} ms (budget 50 ms), "
+                f"{row['bytes']} bytes"
+            )
+    lag = results.get("lag")
+    if lag:
+        add("")
+        add(
+            f"Event-loop lag (1 ms timer lateness), {lag['shape']}, {lag['idle_connections']} idle:"
+        )
+        for phase in ("load", "load+scrapes+alerts"):
+            row = lag.get(phase)
+            if row:
+                add(
+                    f"  {phase:22} p50 {_fmt(row['p50_ms'], '.2f')} ms, p99 "
+                    f"{_fmt(row['p99_ms'], '.2f')} ms, max {_fmt(row['max_ms'], '.2f')} ms, "
+                    f"{row.get('over_10ms', 0)} samples > 10 ms; {row['scrapes']} scrapes "
+                    f"(max {_fmt(row['scrape_ms_max'], '.1f')} ms), {row['crashes']} crashes"
+                )
+        alerts = results.get("exports", {}).get("alerts")
+        if alerts is not None:
+            add(f"  alerts delivered to the local Alertmanager stand-in: {alerts}")
+    breakdown = results.get("breakdown")
+    if breakdown:
+        add("")
+        add("Hot path, metrics only (ns per call, best of batches, in-process):")
+        for name, row in breakdown.items():
+            add(f"  {row['overhead_ns']:7.0f} ns  {name}")
+    profile = results.get("profile")
+    if profile:
+        for variant, rows in profile.items():
+            add("")
+            add(f"Profile of the server, {variant} (cProfile, top by own time):")
+            for row in rows[:15]:
+                add(f"  {row['tottime_pct']:5.1f} %  {row['calls']:>9}  {row['function']}")
+    if results.get("errors"):
+        add("")
+        add("ERRORS:")
+        for error in results["errors"]:
+            add(f"  {error}")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def chart(results: dict[str, Any], path: str) -> bool:
+    """A PNG of the ratios to the floor, with the budgets; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    main = results.get("main") or {}
+    rows = [(v, label, budget) for v, label, _f, budget in VARIANTS if v in main]
+    scaling = results.get("scaling") or {}
+    fig, axes = plt.subplots(
+        1, 2 if scaling else 1, figsize=(13 if scaling else 8, 5.5), squeeze=False
+    )
+    ax = axes[0][0]
+    names = [label for _, label, _ in rows]
+    medians = [(main[v].get("ratio") or {}).get("median") or 0.0 for v, _, _ in rows]
+    lo = [
+        m - ((main[v].get("ratio") or {}).get("p25") or m)
+        for (v, _, _), m in zip(rows, medians, strict=True)
+    ]
+    hi = [
+        ((main[v].get("ratio") or {}).get("p75") or m) - m
+        for (v, _, _), m in zip(rows, medians, strict=True)
+    ]
+    colors = [
+        "#888888" if "bare" in v else "#d62728" if v.startswith("recipe") else "#1f77b4"
+        for v, _, _ in rows
+    ]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, medians, xerr=[lo, hi], color=colors, capsize=3)
+    for yi, (_, _, budget) in zip(y, rows, strict=True):
+        if budget is not None:
+            ax.plot([budget, budget], [yi - 0.4, yi + 0.4], color="black", linewidth=2)
+    for yi, m in zip(y, medians, strict=True):
+        ax.text(m, yi, f" {m:.2f}x", va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("server CPU per message / bare server's (log; black ticks: budgets)")
+    ax.set_title(
+        f"Cost per 64 B echo, ratio to the bare server\n{results['config']['shape']}", fontsize=9
+    )
+    if scaling:
+        ax2 = axes[0][1]
+        shapes = list(scaling)
+        for variant, color in (("metrics", "#1f77b4"), ("defaults", "#2ca02c")):
+            values = [
+                ((scaling[s].get(variant) or {}).get("ratio") or {}).get("median") for s in shapes
+            ]
+            ax2.plot(
+                range(len(shapes)),
+                [v or float("nan") for v in values],
+                "o-",
+                color=color,
+                label=variant,
+            )
+        ax2.axhline(1.0, color="grey", linewidth=0.8)
+        ax2.set_xticks(range(len(shapes)))
+        ax2.set_xticklabels(shapes, rotation=30, ha="right", fontsize=8)
+        ax2.set_ylabel("ratio to bare (same rounds)")
+        ax2.set_title("Cost scaling", fontsize=9)
+        ax2.legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"{m['cpu']}, {m['cpus']} CPUs, {m['python']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def profile_rows(stats_path: str, top: int = 25) -> list[dict[str, Any]]:
+    """The ``top`` functions of a cProfile dump by own time, as plain rows."""
+    import pstats
+
+    stats = pstats.Stats(stats_path)
+    total = sum(row[2] for row in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
+    rows: list[tuple[float, int, str]] = []
+    for (filename, line, name), (_cc, calls, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        short = filename
+        for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+            if marker in short:
+                short = short.split(marker, 1)[1]
+        rows.append((tottime, calls, f"{name} ({short}:{line})"))
+    rows.sort(reverse=True)
+    return [{"tottime_pct": 100 * t / total, "calls": c, "function": f} for t, c, f in rows[:top]]

@@ -1,0 +1,275 @@
+"""The leak scenario: raw client data goes in, and must not come out without consent.
+
+Reusable by every sink's tests (logs here; spans, Sentry envelopes, Alertmanager
+payloads in theirs). API:
+
+``MARKERS`` (a :class:`Markers`)
+    Known raw values the scenario injects: forwarded client IPs from the documentation
+    ranges (``ipv4``, ``ipv6``), a user id, secrets (bearer token, cookie, API key
+    header, query-string token) and payload markers (text, binary).
+    ``markers.of(purpose)`` lists the raw strings of one purpose (``"ip"``, ``"user"``,
+    ``"payload"``; ``"secret"`` never has a consent), ``markers.forbidden(consent)``
+    those that must not appear under ``consent`` (a set of purposes), and
+    ``markers.expected(consent)`` those that must appear in the logs.
+
+``await run_leak_scenario(tmp_path, *, consent=(), consent_via="grant", fmt="json",
+options=None)`` -> :class:`LeakRun`
+    Sets up logging (``fmt`` to ``tmp_path/ws.log`` at DEBUG, consent journal to
+    ``tmp_path/consent.jsonl``; ``fmt=None`` leaves logging alone), serves a real
+    ``ws_monitoring.serve`` server on 127.0.0.1 with 127.0.0.1 as trusted proxy, then:
+    an IPv4 client (``X-Forwarded-For``) sends a text and a binary payload, and a
+    message that makes the handler raise an exception whose text holds the forwarded
+    IP and the request path with its query; an IPv6 client (``Forwarded``) sends a
+    text payload and closes; a third request is rejected with 403. Every request
+    carries the user id, ``Authorization: Bearer``, ``Cookie``, ``X-Api-Key`` and a
+    query string with a token and the user id. ``consent`` is given per connection
+    with ``ws_monitoring.privacy.grant()`` in the handler (``consent_via="grant"``,
+    journaled) or from the handshake by ``consent_resolver`` (``"resolver"``).
+    ``options`` are more ``ws_monitoring.serve`` options (a ``registry``, a tracing or
+    alerting setup...); they override the scenario's. The call returns once both
+    connections are closed and every log line is written.
+
+``LeakRun``
+    ``markers``, ``consent``, ``texts`` (``{"log": ..., "journal": ...}``), ``lines``
+    (parsed JSON log lines, for ``fmt`` ``json``/``ecs``), ``journal`` (parsed entries),
+    ``port``; ``run.all_text()`` joins every captured text.
+
+``assert_no_markers(text, markers, where="")``
+    Fails listing each marker found in ``text`` with the surrounding characters.
+
+Extend it by capturing your sink's output during the run (pass its options), then
+``assert_no_markers(captured, MARKERS.forbidden(consent))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request, Response
+
+import ws_monitoring
+from tests.helpers.servers import HOST, async_wait_until
+from ws_monitoring.core import ConnectionRecord, HandshakeRecord
+from ws_monitoring.logging_config import setup_logging
+from ws_monitoring.privacy import grant
+
+POLICY_VERSION = "privacy-policy-2024-06"
+PAYLOAD_LIMIT = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Markers:
+    """Raw values injected by the scenario (see the module docstring)."""
+
+    ipv4: str = "203.0.113.77"
+    ipv6: str = "2001:db8:5ee:1:2:3:4:77"
+    user: str = "user-MARKER-4e1d"
+    bearer: str = "bearer-MARKER-b3a9"
+    cookie: str = "cookie-MARKER-c7d1"
+    api_key: str = "apikey-MARKER-e42f"
+    query_token: str = "qtoken-MARKER-9f0c"
+    text_payload: str = "payload-MARKER-text-5150"
+    binary_payload: bytes = b"payload-MARKER-binary-7777"
+
+    def of(self, purpose: str) -> list[str]:
+        """Every raw form of the markers of ``purpose`` (ip, user, payload, secret)."""
+        if purpose == "ip":
+            v6 = ipaddress.IPv6Address(self.ipv6)
+            return [self.ipv4, str(v6), v6.exploded]
+        if purpose == "user":
+            return [self.user]
+        if purpose == "payload":
+            return [
+                self.text_payload,
+                self.binary_payload.decode(),
+                base64.b64encode(self.binary_payload).decode(),
+            ]
+        if purpose == "secret":
+            return [self.bearer, self.cookie, self.api_key, self.query_token]
+        raise ValueError(f"unknown purpose {purpose!r}")
+
+    def forbidden(self, consent: Iterable[str] = ()) -> list[str]:
+        """Markers that must not appear anywhere under ``consent``."""
+        allowed = set(consent)
+        return [
+            m for p in ("ip", "user", "payload", "secret") if p not in allowed for m in self.of(p)
+        ]
+
+    def expected(self, consent: Iterable[str] = ()) -> list[str]:
+        """Markers that must appear in the logs under ``consent`` (one form each)."""
+        wanted = set(consent)
+        result = []
+        if "ip" in wanted:
+            result += [self.ipv4, str(ipaddress.IPv6Address(self.ipv6))]
+        if "user" in wanted:
+            result.append(self.user)
+        if "payload" in wanted:
+            result += [self.text_payload, base64.b64encode(self.binary_payload).decode()]
+        return result
+
+
+MARKERS = Markers()
+
+
+@dataclasses.dataclass
+class LeakRun:
+    """What one run of the scenario produced (see the module docstring)."""
+
+    markers: Markers
+    consent: frozenset[str]
+    texts: dict[str, str]
+    lines: list[dict[str, Any]]
+    journal: list[dict[str, Any]]
+    port: int
+
+    def all_text(self) -> str:
+        return "\n".join(self.texts.values())
+
+
+def assert_no_markers(text: str, markers: Iterable[str], where: str = "") -> None:
+    """Fail if any of ``markers`` occurs in ``text``, showing where."""
+    found = []
+    for marker in markers:
+        index = text.find(marker)
+        if index >= 0:
+            found.append(f"{marker!r} in ...{text[max(0, index - 80) : index + 80]!r}...")
+    assert not found, f"raw markers leaked{' into ' + where if where else ''}:\n" + "\n".join(found)
+
+
+class _Counter:
+    """A real sink that counts closed connections, so the scenario waits on a condition."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def handshake_finished(self, handshake: HandshakeRecord) -> None:
+        pass
+
+    def connection_opened(self, connection: ConnectionRecord) -> None:
+        pass
+
+    def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None:
+        pass
+
+    def connection_closed(self, connection: ConnectionRecord) -> None:
+        self.closed += 1
+
+    def shutdown(self, timeout: float) -> None:
+        pass
+
+
+def _headers(markers: Markers) -> dict[str, str]:
+    return {
+        "X-User-Id": markers.user,
+        "Authorization": f"Bearer {markers.bearer}",
+        "Cookie": f"session={markers.cookie}; theme=dark",
+        "X-Api-Key": markers.api_key,
+    }
+
+
+async def run_leak_scenario(
+    tmp_path: Path,
+    *,
+    consent: Iterable[str] = (),
+    consent_via: str = "grant",
+    fmt: str | None = "json",
+    options: Mapping[str, Any] | None = None,
+    markers: Markers = MARKERS,
+) -> LeakRun:
+    """Run the scenario once (see the module docstring)."""
+    purposes = frozenset(consent)
+    query = f"?token={markers.query_token}&user={markers.user}"
+    counter = _Counter()
+
+    async def handler(ws: ServerConnection) -> None:
+        if purposes and consent_via == "grant":
+            grant(ws, purposes=purposes, policy_version=POLICY_VERSION)
+        async for message in ws:
+            if message == "crash":
+                forwarded = ws.request.headers.get("X-Forwarded-For") if ws.request else None
+                path = ws.request.path if ws.request else ""
+                raise RuntimeError(f"cannot serve {forwarded} on {path}")
+            await ws.send(message)
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.startswith("/private"):
+            return connection.respond(403, "Forbidden\n")
+        return None
+
+    def resolve_consent(request: Request) -> frozenset[str] | None:
+        return purposes if consent_via == "resolver" else None
+
+    config: dict[str, Any] = {
+        "trusted_proxies": ["127.0.0.1"],
+        "user_id_resolver": lambda request: request.headers.get("X-User-Id"),
+        "consent_resolver": resolve_consent,
+        "log_payloads": PAYLOAD_LIMIT,
+        "metrics": False,
+        **(options or {}),
+    }
+    config["sinks"] = (*config.get("sinks", ()), counter)
+
+    log_file = tmp_path / "ws.log"
+    journal_file = tmp_path / "consent.jsonl"
+    setup = (
+        setup_logging("DEBUG", fmt=fmt, filename=log_file, consent_journal=journal_file)
+        if fmt is not None
+        else None
+    )
+    try:
+        async with ws_monitoring.serve(
+            handler, HOST, 0, process_request=process_request, **config
+        ) as server:
+            port = server.sockets[0].getsockname()[1]
+            base = f"ws://{HOST}:{port}"
+            async with connect(
+                f"{base}/chat{query}",
+                additional_headers={**_headers(markers), "X-Forwarded-For": markers.ipv4},
+            ) as client:
+                await client.send(markers.text_payload)
+                assert await client.recv() == markers.text_payload
+                await client.send(markers.binary_payload)
+                assert await client.recv() == markers.binary_payload
+                await client.send("crash")
+                with contextlib.suppress(ConnectionClosed):
+                    await client.recv()
+            async with connect(
+                f"{base}/chat{query}",
+                additional_headers={
+                    **_headers(markers),
+                    "Forwarded": f'for="[{markers.ipv6}]:4711";proto=ws',
+                },
+            ) as client:
+                await client.send(markers.text_payload)
+                assert await client.recv() == markers.text_payload
+            with pytest.raises(InvalidStatus) as rejected:
+                await connect(f"{base}/private{query}", additional_headers=_headers(markers))
+            assert rejected.value.response.status_code == 403
+            await async_wait_until(lambda: counter.closed == 2, what="2 closed connections")
+    finally:
+        if setup is not None:
+            assert await asyncio.to_thread(setup.flush), "log lines were not written in time"
+            setup.close()
+
+    texts = {}
+    lines: list[dict[str, Any]] = []
+    journal: list[dict[str, Any]] = []
+    if fmt is not None:
+        texts["log"] = log_file.read_text(encoding="utf-8")
+        texts["journal"] = journal_file.read_text(encoding="utf-8")
+        if fmt in ("json", "ecs"):
+            lines = [json.loads(line) for line in texts["log"].splitlines()]
+        journal = [json.loads(line) for line in texts["journal"].splitlines()]
+    return LeakRun(markers, purposes, texts, lines, journal, port)

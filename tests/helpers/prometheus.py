@@ -1,0 +1,238 @@
+"""A real Prometheus (Debian's ``prometheus``, 2.42) for the tests.
+
+``running_prometheus(tmp_path, config_yaml)`` writes the configuration (and any extra
+files, such as rule files, next to it: relative paths in the configuration resolve
+there), starts Prometheus on a free loopback port with its own TSDB directory, waits
+until ``GET /-/ready`` answers, and stops it when the block ends. The yielded
+:class:`Prometheus` queries it through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.system import free_port, require_binary
+
+HOST = "127.0.0.1"
+
+#: Seconds to wait for the process to answer ``/-/ready``.
+START_TIMEOUT = 30.0
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus did not start, or its API answered an error; holds the details."""
+
+
+class Prometheus:
+    """One Prometheus process: ``url``, ``query()``, ``query_range()``, ``rules()``..."""
+
+    def __init__(self, binary: str, directory: Path, port: int, args: Sequence[str]) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.port = port
+        #: Base URL without a trailing slash (``http://127.0.0.1:PORT``).
+        self.url = f"http://{HOST}:{port}"
+        self.config_path = directory / "prometheus.yml"
+        self.log_path = directory / "prometheus.log"
+        self.args = list(args)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    # -- process ------------------------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start and wait until ready.
+
+        Raises:
+            PrometheusError: it exited (a bad configuration) or was not ready in time.
+        """
+        if self.running:
+            return
+        log = self.log_path.open("ab")
+        try:
+            self._process = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.directory / 'data'}",
+                    f"--web.listen-address={HOST}:{self.port}",
+                    f"--web.external-url={self.url}",
+                    "--log.level=info",
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.directory,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._process = None
+                raise PrometheusError(f"prometheus exited early:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise PrometheusError(f"prometheus not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after 10 s). Idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def ready(self) -> bool:
+        """Whether ``GET /-/ready`` answers 200 right now."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    # -- API ----------------------------------------------------------------------------
+
+    def api(self, path: str, params: Sequence[tuple[str, str]] | Mapping[str, str] = ()) -> Any:
+        """``GET /api/v1/<path>``: the ``data`` of a successful answer.
+
+        Raises:
+            PrometheusError: the answer is not ``{"status": "success"}`` (a PromQL
+                parse error is a 400 ``bad_data``); the message holds Prometheus' error.
+        """
+        query = urllib.parse.urlencode(params)
+        url = f"{self.url}/api/v1/{path}" + (f"?{query}" if query else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.loads(exc.read())
+            except ValueError:
+                raise PrometheusError(f"GET {url}: HTTP {exc.code}") from None
+        if body.get("status") != "success":
+            raise PrometheusError(
+                f"GET {url}: {body.get('errorType')}: {body.get('error')}"
+            )
+        return body["data"]
+
+    def query(self, expr: str, time_: float | None = None) -> list[dict[str, Any]]:
+        """Instant query: the result vector (``[{"metric": {...}, "value": [t, "v"]}]``)."""
+        params = {"query": expr}
+        if time_ is not None:
+            params["time"] = f"{time_:.3f}"
+        data = self.api("query", params)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def query_range(
+        self, expr: str, start: float, end: float, step: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Range query: the result matrix (``[{"metric": {...}, "values": [[t, "v"]...]}]``)."""
+        data = self.api(
+            "query_range",
+            {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"},
+        )
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def label_values(self, label: str, match: str | None = None) -> list[str]:
+        """Values of ``label`` (on series matching the selector ``match``, if given)."""
+        params = [("match[]", match)] if match else []
+        values: list[str] = self.api(f"label/{urllib.parse.quote(label)}/values", params)
+        return values
+
+    def rules(self) -> list[dict[str, Any]]:
+        """Every loaded rule (recording and alerting), flattened over the groups."""
+        groups = self.api("rules")["groups"]
+        return [rule for group in groups for rule in group["rules"]]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Active alerts (pending and firing) as ``/api/v1/alerts`` lists them."""
+        alerts: list[dict[str, Any]] = self.api("alerts")["alerts"]
+        return alerts
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Active scrape targets (``health``, ``lastError``, ``labels``, ``scrapeUrl``...)."""
+        targets: list[dict[str, Any]] = self.api("targets", {"state": "active"})["activeTargets"]
+        return targets
+
+    def wait_for(
+        self, predicate: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition"
+    ) -> Any:
+        """Poll ``predicate()`` until it returns something truthy; returns that value.
+
+        Raises:
+            AssertionError: still falsy after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            try:
+                last = predicate()
+            except PrometheusError as exc:
+                last = exc
+            else:
+                if last:
+                    return last
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prometheus {self.url}: {what} not met; last: {last!r}")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_prometheus(
+    tmp_path: Path,
+    config_yaml: str,
+    *,
+    files: Mapping[str, str] | None = None,
+    port: int | None = None,
+    args: Sequence[str] = (),
+) -> Iterator[Prometheus]:
+    """A real Prometheus on ``127.0.0.1`` (a free port unless ``port``), stopped on exit.
+
+    ``files`` maps paths relative to the configuration's directory to their content
+    (rule files, file_sd target lists). ``args`` are extra command-line flags (for
+    example ``--enable-feature=exemplar-storage``). Skips the test when the binary is
+    missing (fails under ``CI=true``).
+    """
+    binary = require_binary("prometheus", "prometheus")
+    chosen = port if port is not None else free_port(HOST)
+    directory = tmp_path / f"prometheus-{chosen}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in (files or {}).items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    server = Prometheus(binary, directory, chosen, args)
+    server.config_path.write_text(config_yaml)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

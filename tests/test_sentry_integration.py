@@ -1,0 +1,496 @@
+"""Sentry: the real sentry-sdk sending envelopes to a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sentry_sdk
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as sync_connect
+
+import ws_monitoring
+from tests.helpers.scrape import Samples
+from tests.helpers.sentry_receiver import SentryReceiver, reset_sentry, sentry_receiver
+from tests.helpers.servers import HOST, async_wait_until, wait_until
+from ws_monitoring.alerting import SentryAlerter, WebsocketsIntegration, build_sink
+from ws_monitoring.config import Config
+from ws_monitoring.privacy import privacy_of
+
+ROUTES = ["/rooms/{room}"]
+
+
+@pytest.fixture
+def receiver() -> Iterator[SentryReceiver]:
+    with sentry_receiver() as running:
+        yield running
+
+
+class Closed:
+    """A real sink counting closed connections, to wait on a condition."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def handshake_finished(self, handshake: Any) -> None:
+        pass
+
+    def connection_opened(self, connection: Any) -> None:
+        pass
+
+    def handler_failed(self, connection: Any, exc: BaseException) -> None:
+        pass
+
+    def connection_closed(self, connection: Any) -> None:
+        self.count += 1
+
+    def shutdown(self, timeout: float) -> None:
+        pass
+
+
+def sentinel(receiver: SentryReceiver) -> list[dict[str, Any]]:
+    """Every event captured so far, proven complete by a sentinel (see ``drain``)."""
+    return receiver.drain()
+
+
+def crumbs(event: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        c["data"]
+        for c in event.get("breadcrumbs", {}).get("values", [])
+        if c.get("category") == "websocket.message"
+    ]
+
+
+async def crash_once(
+    alerter: SentryAlerter, *, consent: frozenset[str] = frozenset(), **options: Any
+) -> tuple[str, Any]:
+    """A real server whose handler echoes, then crashes on "boom"; returns (id, server)."""
+    closed = Closed()
+    seen: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        seen.append(str(ws.id))
+        async for message in ws:
+            if message == "boom":
+                raise ValueError("boom")
+            await ws.send(message)
+
+    async with ws_monitoring.serve(
+        handler,
+        HOST,
+        0,
+        alerters=[alerter],
+        routes=ROUTES,
+        metrics=False,
+        sinks=[closed],
+        user_id_resolver=lambda request: request.headers.get("X-User"),
+        consent_resolver=lambda request: consent,
+        **options,
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(
+            f"ws://{HOST}:{port}/rooms/42?token=secret", additional_headers={"X-User": "alice"}
+        ) as client:
+            await client.send("hello")
+            assert await client.recv() == "hello"
+            await client.send(b"\x00\x01")
+            assert await client.recv() == b"\x00\x01"
+            await client.send("boom")
+            with pytest.raises(ConnectionClosed) as info:
+                await client.recv()
+            assert info.value.rcvd is not None
+            assert info.value.rcvd.code == 1011
+        await async_wait_until(lambda: closed.count == 1, what="the connection closed")
+    return seen[0], server
+
+
+async def test_handler_crash_is_one_complete_event(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, environment="test", release="1.2.3", registry=registry)
+    connection_id, server = await crash_once(alerter)
+    events = await asyncio.to_thread(sentinel, receiver)
+
+    # One event per crash: the handler_crashed and "connection handler failed" log
+    # records of the same exception are not reported again.
+    assert len(events) == 1, events
+    event = events[0]
+    assert event["environment"] == "test"
+    assert event["release"] == "1.2.3"
+    exception = event["exception"]["values"][-1]
+    assert exception["type"] == "ValueError"
+    assert exception["value"] == "boom"
+    assert exception["mechanism"]["type"] == "websockets"
+    assert exception["mechanism"]["handled"] is False
+    frames = exception["stacktrace"]["frames"]
+    assert frames[-1]["function"] == "handler"
+    assert all("vars" not in frame for frame in frames)
+    assert event["tags"]["websocket.route"] == "/rooms/{room}"
+    assert event["tags"]["websocket.connection_id"] == connection_id
+    assert event["tags"]["websocket.close_code"] == "1011"
+    context = event["contexts"]["websocket"]
+    assert context["route"] == "/rooms/{room}"
+    assert context["subprotocol"] is None
+    assert context["messages_received"] == 3
+    assert context["messages_sent"] == 2
+    assert context["bytes_received"] == 5 + 2 + 4
+    assert context["bytes_sent"] == 5 + 2
+    assert context["age_seconds"] >= 0
+    assert crumbs(event) == [
+        {"direction": "in", "type": "text", "size": 5},
+        {"direction": "out", "type": "text", "size": 5},
+        {"direction": "in", "type": "binary", "size": 2},
+        {"direction": "out", "type": "binary", "size": 2},
+        {"direction": "in", "type": "text", "size": 4},
+    ]
+    assert event["fingerprint"] == ["websockets", "/rooms/{room}", "ValueError"]
+    privacy = privacy_of(server)
+    # The anonymized IP is set too, but the SDK strips ip_address without default PII.
+    assert event["user"] == {"id": privacy.pseudonymize("alice")}
+    assert "alice" not in receiver.raw_text()
+    assert "secret" not in receiver.raw_text()
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 1
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 0
+    assert samples.get("ws_monitoring_alert_queue_depth", sink="sentry") == 0
+
+
+def ws_monitoring_exposition(registry: CollectorRegistry) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
+
+
+async def test_consented_connection_gets_payload_breadcrumbs_and_raw_user(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, payload_bytes=3)
+    await crash_once(alerter, consent=frozenset({"payload", "user"}))
+    events = await asyncio.to_thread(sentinel, receiver)
+    assert len(events) == 1
+    assert crumbs(events[0]) == [
+        {"direction": "in", "type": "text", "size": 5, "payload": "hel"},
+        {"direction": "out", "type": "text", "size": 5},
+        {"direction": "in", "type": "binary", "size": 2, "payload": "0001"},
+        {"direction": "out", "type": "binary", "size": 2},
+        {"direction": "in", "type": "text", "size": 4, "payload": "boo"},
+    ]
+    assert events[0]["user"]["id"] == "alice"
+
+
+async def test_breadcrumbs_keep_the_last_frames_only(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, max_frames=2)
+    await crash_once(alerter)
+    events = await asyncio.to_thread(sentinel, receiver)
+    assert crumbs(events[0]) == [
+        {"direction": "out", "type": "binary", "size": 2},
+        {"direction": "in", "type": "text", "size": 4},
+    ]
+
+
+async def test_normal_closes_closed_ok_and_resets_produce_no_event(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    closed = Closed()
+
+    async def handler(ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path == "/return":
+            await ws.recv()
+            return
+        if ws.request is not None and ws.request.path == "/reset-error":
+            raise ConnectionResetError("peer reset")
+        # Raises ConnectionClosedOK after a normal close, ConnectionClosedError after a
+        # reset: both propagate, websockets logs them, and neither is reported.
+        while True:
+            await ws.recv()
+
+    async with ws_monitoring.serve(
+        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed]
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://{HOST}:{port}/return") as client:
+            await client.send("x")
+            await client.wait_closed()
+        async with connect(f"ws://{HOST}:{port}/closed-ok") as client:
+            await client.send("x")
+        async with connect(f"ws://{HOST}:{port}/reset") as client:
+            await client.send("x")
+            client.transport.abort()
+        async with connect(f"ws://{HOST}:{port}/reset-error") as client:
+            with contextlib.suppress(ConnectionClosed):
+                await client.recv()
+        await async_wait_until(lambda: closed.count == 4, what="4 closed connections")
+    events = await asyncio.to_thread(sentinel, receiver)
+    assert events == []
+
+
+def test_sync_server_crash_runs_in_the_connection_scope(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    closed = Closed()
+
+    def handler(ws: Any) -> None:
+        # Set inside the connection: stays in that connection's isolation scope.
+        sentry_sdk.set_tag("room", ws.request.path)
+        for message in ws:
+            if message == "boom":
+                raise KeyError("missing")
+            ws.send(message)
+
+    server = ws_monitoring.serve_sync(
+        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed], routes=ROUTES
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.socket.getsockname()[1]
+        with sync_connect(f"ws://{HOST}:{port}/rooms/7") as client:
+            client.send("a")
+            assert client.recv() == "a"
+            client.send("boom")
+            with pytest.raises(ConnectionClosed):
+                client.recv()
+        wait_until(lambda: closed.count == 1, what="the connection closed")
+    finally:
+        server.shutdown()
+    events = sentinel(receiver)
+    assert len(events) == 1
+    event = events[0]
+    assert event["exception"]["values"][-1]["type"] == "KeyError"
+    assert event["exception"]["values"][-1]["mechanism"] == {"type": "websockets",
+                                                            "handled": False}  # fmt: skip
+    assert event["tags"]["room"] == "/rooms/7"
+    assert event["tags"]["websocket.route"] == "/rooms/{room}"
+    assert event["fingerprint"] == ["websockets", "/rooms/{room}", "KeyError"]
+    # The scope was left when the connection closed: the tag did not leak out.
+    sentry_sdk.capture_message("after")
+    after = receiver.wait_for_events(predicate=lambda e: e.get("message") == "after")[0]
+    assert "room" not in after.get("tags", {})
+    assert "websocket.route" not in after.get("tags", {})
+
+
+async def test_events_captured_by_the_handler_are_enriched_and_scrubbed(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    closed = Closed()
+
+    async def handler(ws: ServerConnection) -> None:
+        message = await ws.recv()
+        # Built at run time: the event's source context must not hold the raw value.
+        peer = ".".join(["203", "0", "113", str(7 * 11)])
+        try:
+            raise LookupError(f"no room for {peer} ({message})")
+        except LookupError:
+            sentry_sdk.capture_exception()
+        await ws.send("ok")
+
+    async with ws_monitoring.serve(
+        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed]
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://{HOST}:{port}/lobby") as client:
+            await client.send("hi")
+            assert await client.recv() == "ok"
+        await async_wait_until(lambda: closed.count == 1, what="the connection closed")
+    events = await asyncio.to_thread(sentinel, receiver)
+    assert len(events) == 1
+    event = events[0]
+    assert event["exception"]["values"][-1]["value"] == "no room for 203.0.113.0 (hi)"
+    assert event["tags"]["websocket.route"] == "/lobby"
+    assert "websocket.close_code" not in event["tags"]
+    assert event["contexts"]["websocket"]["messages_received"] == 1
+    assert event["fingerprint"] == ["websockets", "/lobby", "LookupError"]
+    assert "203.0.113.77" not in receiver.raw_text()
+
+
+async def test_an_application_client_is_kept_and_extended(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    def before_send(event: Any, hint: Any) -> Any:
+        event.setdefault("tags", {})["app_hook"] = "yes"
+        return event
+
+    sentry_sdk.init(
+        dsn=receiver.dsn, environment="app-env", before_send=before_send, default_integrations=False
+    )
+    client = sentry_sdk.get_client()
+    alerter = SentryAlerter("http://other@127.0.0.1:1/1", environment="ours", registry=registry)
+    assert not alerter.owns_client
+    assert sentry_sdk.get_client() is client
+    assert client.options["environment"] == "app-env"
+    assert client.options["before_send"] is before_send
+    assert client.get_integration(WebsocketsIntegration) is alerter.integration
+    # A second alerter reuses the integration already there.
+    SentryAlerter(registry=CollectorRegistry())
+    assert client.get_integration(WebsocketsIntegration) is alerter.integration
+
+    await crash_once(alerter)
+    events = await asyncio.to_thread(sentinel, receiver)
+    assert len(events) == 1
+    event = events[0]
+    assert event["environment"] == "app-env"
+    assert event["tags"]["app_hook"] == "yes"
+    assert event["exception"]["values"][-1]["mechanism"]["type"] == "websockets"
+    assert event["tags"]["websocket.route"] == "/rooms/{room}"
+    assert "alice" not in receiver.raw_text()
+    # Closing an alerter that did not initialise the SDK leaves the client running.
+    alerter.close(timeout=1)
+    assert sentry_sdk.get_client() is client
+    assert client.transport is not None
+
+
+async def test_without_the_integration_the_sink_stays_quiet(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    # The application re-initialises Sentry without the integration: hooks do nothing.
+    sentry_sdk.init(dsn=receiver.dsn, default_integrations=False)
+    await crash_once(alerter)
+    assert await asyncio.to_thread(sentinel, receiver) == []
+
+
+def test_fire_deduplicates_and_groups(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, cooldown=0)
+    labels = {"backend": "payments", "peer": "203.0.113.77"}
+    alerter.fire(
+        "PaymentsDown", severity="critical", summary="payments backend down",
+        description="since 203.0.113.77 left", labels=labels, annotations={"runbook": "rb"},
+    )  # fmt: skip
+    alerter.fire("PaymentsDown", severity="critical", summary="again", labels=labels)
+    alerter.fire("Slow", severity="warning", summary="slow")
+    alerter.resolve("PaymentsDown", labels)
+    alerter.resolve("NeverFired")
+    alerter.fire("PaymentsDown", severity="critical", summary="back again", labels=labels)
+    events = sentinel(receiver)
+    assert [e["message"] for e in events] == [
+        "payments backend down",
+        "slow",
+        "back again",
+    ]
+    first = events[0]
+    assert first["level"] == "fatal"
+    assert events[1]["level"] == "warning"
+    assert first["fingerprint"] == [
+        "ws-monitoring-alert", "PaymentsDown", "backend=payments", "peer=203.0.113.0",
+    ]  # fmt: skip
+    assert first["tags"]["alertname"] == "PaymentsDown"
+    assert first["tags"]["severity"] == "critical"
+    assert first["tags"]["alert.backend"] == "payments"
+    assert first["contexts"]["alert"]["annotations"] == {
+        "runbook": "rb",
+        "description": "since 203.0.113.0 left",
+    }
+    assert "203.0.113.77" not in receiver.raw_text()
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 3
+
+
+def test_fire_cooldown_holds_back_a_flapping_alert(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, cooldown=3600)
+    for _ in range(5):
+        alerter.fire("Flap", severity="error", summary="flap")
+        alerter.resolve("Flap")
+    assert [e["message"] for e in sentinel(receiver)] == ["flap"]
+
+
+def test_fire_rejects_bad_input(receiver: SentryReceiver, registry: CollectorRegistry) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    with pytest.raises(ValueError, match="alertname"):
+        alerter.fire("", severity="critical", summary="x")
+    with pytest.raises(ValueError, match="cooldown"):
+        SentryAlerter(receiver.dsn, cooldown=-1)
+    with pytest.raises(ValueError, match="negative"):
+        WebsocketsIntegration(max_frames=-1)
+
+
+def test_dsn_falls_back_to_the_environment(
+    receiver: SentryReceiver, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SENTRY_DSN", receiver.dsn)
+    alerter = SentryAlerter(registry=registry)
+    assert alerter.owns_client
+    alerter.fire("FromEnv", severity="info", summary="from env")
+    assert [e["message"] for e in sentinel(receiver)] == ["from env"]
+    assert alerter.flush(2)
+    alerter.close(timeout=1)
+    assert sentry_sdk.get_client().transport is None
+
+
+class Hanging:
+    """A TCP server that accepts connections and never reads nor answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_capture_never_blocks_and_the_transport_queue_is_bounded(
+    registry: CollectorRegistry,
+) -> None:
+    hanging = Hanging()
+    reset_sentry()
+    try:
+        alerter = SentryAlerter(
+            f"http://key@{HOST}:{hanging.port}/1",
+            registry=registry,
+            cooldown=0,
+            transport_queue_size=2,
+            default_integrations=False,
+        )
+        alerter.fire("First", severity="error", summary="first")
+        depth = lambda: Samples(ws_monitoring_exposition(registry)).get(  # noqa: E731
+            "ws_monitoring_alert_queue_depth", sink="sentry"
+        )
+        # The worker took the first event and is stuck on the hanging server.
+        wait_until(lambda: hanging.accepted and depth() == 0, what="the first event in flight")
+        for index in range(10):
+            alerter.fire(f"Alert{index}", severity="error", summary=f"alert {index}")
+        samples = Samples(ws_monitoring_exposition(registry))
+        assert samples.get("ws_monitoring_alert_queue_depth", sink="sentry") == 2
+        assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 3
+        assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 8
+        assert not alerter.flush(0.05)
+    finally:
+        hanging.close()
+        reset_sentry(timeout=0.1)
+
+
+def test_build_sink_is_a_message_sink_only_with_sentry(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    from ws_monitoring.typing import MessageSink
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    sink = build_sink(Config(alerters=[alerter]))
+    assert isinstance(sink, MessageSink)
