@@ -232,3 +232,40 @@ SERVERS: dict[str, ServerSpec] = {
 }
 
 logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+# --- TEMP experiments ---
+def _exp_bare_plus_metrics_server(options: Options) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+    @contextlib.asynccontextmanager
+    async def run() -> AsyncIterator[dict[str, Any]]:
+        from websockets.asyncio.server import serve
+        import ws_monitoring  # noqa
+        info = _start_metrics_server()
+        async with serve(echo, HOST, 0) as server:
+            yield {"port": server.sockets[0].getsockname()[1], **info}
+    return run()
+
+
+def _exp_metrics_no_server(options: Options) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+    @contextlib.asynccontextmanager
+    async def run() -> AsyncIterator[dict[str, Any]]:
+        import ws_monitoring
+        async with ws_monitoring.serve(echo, HOST, 0, tracing=False, log_lifecycle=False) as server:
+            yield {"port": server.sockets[0].getsockname()[1]}
+    return run()
+
+
+def _exp_instrument_only(options: Options) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+    @contextlib.asynccontextmanager
+    async def run() -> AsyncIterator[dict[str, Any]]:
+        import ws_monitoring
+        from websockets.asyncio.server import serve
+        h = ws_monitoring.instrument(echo, tracing=False, log_lifecycle=False)
+        async with serve(h, HOST, 0) as server:
+            yield {"port": server.sockets[0].getsockname()[1]}
+    return run()
+
+
+SERVERS["x-bare-ms"] = ServerSpec(False, _exp_bare_plus_metrics_server, _no_sync)
+SERVERS["x-metrics-noms"] = ServerSpec(False, _exp_metrics_no_server, _no_sync)
+SERVERS["x-instrument"] = ServerSpec(False, _exp_instrument_only, _no_sync)

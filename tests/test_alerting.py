@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ws_monitoring.alerting import (
     AlertingMessageSink,
     AlertingSink,
     PrometheusAlerter,
+    ServerWatchdog,
     build_sink,
     fire_all,
     is_expected_failure,
@@ -319,6 +321,14 @@ def test_message_sink_fan_out() -> None:
         "handshake", "opened", "started:m", "finished:m", "sent:3",
     ]  # fmt: skip
     assert plain.events == []
+    # One message alerter: its own token, no list.
+    only = Messages()
+    single = build_sink(Config(alerters=[only, plain]))
+    assert isinstance(single, AlertingMessageSink)
+    token = single.message_started(None, "s")  # type: ignore[arg-type]
+    assert token == "s"
+    single.message_finished(None, token, 0.1, None)  # type: ignore[arg-type]
+    assert only.events == ["started:s", "finished:s"]
 
 
 def test_expected_failures() -> None:
@@ -374,8 +384,10 @@ async def test_watchdog_fires_when_the_asyncio_accept_loop_dies() -> None:
     async with ws_monitoring.serve(handler, HOST, 0, metrics=False) as server:
         port = server.sockets[0].getsockname()[1]
         with watch_server(server, [recorder], interval=0.02, name="chat") as watchdog:
-            await asyncio.sleep(0)  # let it check a healthy server at least once
             assert watchdog.check()
+            # The thread checked a healthy server at least once, and stayed quiet.
+            await async_wait_until(lambda: watchdog.checks >= 3, what="periodic checks")
+            assert recorder.fired == []
             # The listening socket stops serving behind websockets' back.
             server.server.close()
             await asyncio.to_thread(watchdog.tripped.wait, 5)
@@ -452,8 +464,50 @@ def test_watchdog_sync_server(tmp_path: Path) -> None:
 def test_watchdog_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="interval"):
         watch_server(object(), [], interval=0)
-    with pytest.raises(TypeError, match="not an alerter"):
-        watch_server(object(), [object()])
+    with pytest.raises(TypeError, match="websockets asyncio or threading Server"):
+        watch_server(object(), [])
+    server = ws_monitoring.serve_sync(lambda ws: None, HOST, 0, metrics=False)
+    try:
+        with pytest.raises(TypeError, match="not an alerter"):
+            watch_server(server, [object()])
+    finally:
+        server.socket.close()
+
+
+def test_watchdog_of_a_server_already_dead() -> None:
+    recorder = Recorder()
+    server = ws_monitoring.serve_sync(lambda ws: None, HOST, 0, metrics=False)
+    server.socket.close()
+    watchdog = ServerWatchdog(server, [recorder], interval=3600)
+    # Never started: stop() still checks once, and a second stop() does nothing.
+    watchdog.stop()
+    watchdog.stop()
+    assert watchdog.tripped.is_set()
+    assert [(name, kw["annotations"]) for name, kw in recorder.fired] == [
+        ("WebSocketServerDown", {"listen_address": "unknown"}),
+    ]
+
+
+def test_errors_age_out_of_the_rate_window(registry: CollectorRegistry) -> None:
+    class Record:
+        error_type = "connection_reset"
+
+    with recording_peer() as peer, prom_alerter(
+        peer.url, registry, error_rate_threshold=0.5, error_rate_window=4
+    ) as prom:  # fmt: skip
+        start = int(time.monotonic())
+        prom.connection_closed(Record())  # type: ignore[arg-type]
+        prom.connection_closed(Record())  # type: ignore[arg-type]
+        # 2 errors in a 4 s window: 0.5/s is not over the threshold.
+        wait_until(lambda: int(time.monotonic()) > start, what="the next second")
+        assert prom.flush(1)
+        assert peer.alerts() == []
+        # The first two are still in the window: 3 errors in 4 s is over it.
+        prom.connection_closed(Record())  # type: ignore[arg-type]
+        assert prom.flush(5)
+        (alert,) = peer.alerts()
+        assert alert["annotations"]["rate_per_second"] == "0.75"
+        assert alert["annotations"]["error_types"] == "connection_reset (3)"
 
 
 def test_prometheus_alerter_as_sink_counts_failed_handshakes(

@@ -83,7 +83,6 @@ async def test_consent_lets_exactly_what_was_consented_through(
 ) -> None:
     events, sentry_text, alertmanager_text = await run(tmp_path, receiver, peer, ALL, consent_via)
     (crash,) = events
-    print("DEBUG", {k: crash.get(k) for k in ("user", "contexts", "tags")})
     # Consented: the raw user id and the payloads (breadcrumbs) may go to Sentry.
     assert crash["user"]["id"] == MARKERS.user
     payloads = [

@@ -776,3 +776,27 @@ async def test_privacy_of_a_live_connection() -> None:
         connect(server.url()) as client,
     ):
         assert json.loads(await client.recv()) is True
+
+
+def test_scrub_event_survives_a_dead_weak_proxy() -> None:
+    import gc
+    import weakref
+
+    from ws_monitoring.config import Config
+    from ws_monitoring.privacy import Privacy
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    proxy = weakref.proxy(thing)
+    del thing
+    gc.collect()
+    privacy = Privacy(Config(pseudonym_key=b"k"))
+    event = {"breadcrumbs": {"values": [{"data": {"ws_connection": proxy, "n": 1}}]}}
+    scrubbed = privacy.scrub_event(event)
+    assert scrubbed["breadcrumbs"]["values"][0]["data"] == {
+        "ws_connection": "[weak reference]",
+        "n": 1,
+    }
+    assert privacy.scrub({"x": [proxy]}) == {"x": ["[weak reference]"]}

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import socket
 import threading
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ from tests.helpers.sentry_receiver import SentryReceiver, reset_sentry, sentry_r
 from tests.helpers.servers import HOST, async_wait_until, wait_until
 from ws_monitoring.alerting import SentryAlerter, WebsocketsIntegration, build_sink
 from ws_monitoring.config import Config
-from ws_monitoring.privacy import privacy_of
+from ws_monitoring.privacy import Privacy, privacy_of
 
 ROUTES = ["/rooms/{room}"]
 
@@ -494,3 +496,192 @@ def test_build_sink_is_a_message_sink_only_with_sentry(
     alerter = SentryAlerter(receiver.dsn, registry=registry)
     sink = build_sink(Config(alerters=[alerter]))
     assert isinstance(sink, MessageSink)
+
+
+def test_the_application_before_send_runs_first(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    def before_send(event: Any, hint: Any) -> Any:
+        if event.get("message") == "drop me":
+            return None
+        event.setdefault("extra", {})["added"] = "by the app for 203.0.113.77"
+        return event
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry, before_send=before_send)
+    alerter.fire("Dropped", severity="error", summary="drop me")
+    alerter.fire("Kept", severity="error", summary="keep me")
+    events = sentinel(receiver)
+    assert [e["message"] for e in events] == ["keep me"]
+    # The privacy layer runs after the application's hook.
+    assert events[0]["extra"]["added"] == "by the app for 203.0.113.0"
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 1
+
+
+class BrokenPrivacy(Privacy):
+    """A privacy layer that cannot scrub: events must then not be sent at all."""
+
+    def scrub_event(self, event: Any) -> dict[str, Any]:
+        raise RuntimeError("cannot scrub")
+
+
+def test_an_event_that_cannot_be_scrubbed_is_not_sent(
+    receiver: SentryReceiver, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    SentryAlerter(receiver.dsn, registry=registry, privacy=BrokenPrivacy(Config()))
+    sentry_sdk.capture_message("203.0.113.77 must not leave")
+    # The sentinel is dropped too: wait on the client's flush instead.
+    sentry_sdk.flush(5)
+    assert receiver.events == []
+    assert any("could not be scrubbed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_connection_event_that_cannot_be_scrubbed_is_not_sent(
+    receiver: SentryReceiver,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    closed = Closed()
+
+    async def handler(ws: ServerConnection) -> None:
+        privacy = privacy_of(ws)
+        monkeypatch.setattr(privacy, "scrub_event", BrokenPrivacy.scrub_event.__get__(privacy))
+        sentry_sdk.capture_message("inside")
+        await ws.send("done")
+
+    async with ws_monitoring.serve(
+        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed]
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://{HOST}:{port}/") as client:
+            assert await client.recv() == "done"
+        await async_wait_until(lambda: closed.count == 1, what="the close")
+    assert await asyncio.to_thread(sentinel, receiver) == []
+    assert any("could not be scrubbed" in r.getMessage() for r in caplog.records)
+
+
+async def test_foreign_breadcrumbs_the_scrubber_cannot_read_are_left_out(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+
+    class Thing:
+        pass
+
+    async def handler(ws: ServerConnection) -> None:
+        thing = Thing()
+        sentry_sdk.add_breadcrumb(category="app", data={"thing": weakref.proxy(thing)})
+        del thing  # the breadcrumb now holds a dead weak proxy
+        await ws.recv()
+        raise ValueError("crash")
+
+    await run_and_crash(handler, alerter)
+    (event,) = await asyncio.to_thread(sentinel, receiver)
+    assert [c.get("category") for c in event["breadcrumbs"]["values"]] == ["websocket.message"]
+
+
+async def run_and_crash(handler: Any, alerter: Any, *alerters: Any, **options: Any) -> None:
+    closed = Closed()
+    async with ws_monitoring.serve(
+        handler, HOST, 0, alerters=[*alerters, alerter], metrics=False, sinks=[closed], **options
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://{HOST}:{port}/") as client:
+            await client.send("go")
+            with contextlib.suppress(ConnectionClosed):
+                await client.recv()
+        await async_wait_until(lambda: closed.count == 1, what="the close")
+
+
+async def test_events_after_the_close_carry_the_close_code(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    class CapturesOnClose:
+        """An alerter before Sentry's that reports from connection_closed."""
+
+        def fire(self, alertname: str, **kwargs: Any) -> None: ...
+        def resolve(self, alertname: str, labels: Any = None) -> None: ...
+        def flush(self, timeout: float = 5.0) -> bool:
+            return True
+
+        def close(self, timeout: float = 5.0) -> None: ...
+        def connection_closed(self, connection: Any) -> None:
+            sentry_sdk.capture_message("closing")
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+
+    async def handler(ws: ServerConnection) -> None:
+        # A message event before any frame: no breadcrumbs, no exception fingerprint.
+        sentry_sdk.capture_message("first")
+        await ws.recv()
+
+    await run_and_crash(handler, alerter, CapturesOnClose())
+    first, closing = await asyncio.to_thread(sentinel, receiver)
+    assert first["message"] == "first"
+    assert "websocket.close_code" not in first["tags"]
+    assert crumbs(first) == []
+    assert "fingerprint" not in first
+    assert closing["message"] == "closing"
+    assert closing["tags"]["websocket.close_code"] == "1000"
+    assert closing["contexts"]["websocket"]["messages_received"] == 1
+
+
+async def test_a_client_re_initialised_mid_connection_is_left_alone(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+
+    async def handler(ws: ServerConnection) -> None:
+        sentry_sdk.init(dsn=receiver.dsn, default_integrations=False)
+        sentry_sdk.capture_message("mid")
+        await ws.recv()
+
+    await run_and_crash(handler, alerter)
+    (event,) = await asyncio.to_thread(sentinel, receiver)
+    assert event["message"] == "mid"
+    assert "websocket" not in event.get("contexts", {})
+
+
+async def test_a_unix_socket_client_has_no_user(
+    receiver: SentryReceiver, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    from websockets.asyncio.client import unix_connect
+    from websockets.asyncio.server import unix_serve
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry)
+    closed = Closed()
+
+    @ws_monitoring.instrument(alerters=[alerter], sinks=[closed], metrics=False)
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        raise ValueError("crash")
+
+    path = str(tmp_path / "ws.sock")
+    async with unix_serve(handler, path):
+        async with unix_connect(path) as client:
+            await client.send("go")
+            with contextlib.suppress(ConnectionClosed):
+                await client.recv()
+        await async_wait_until(lambda: closed.count == 1, what="the close")
+    (event,) = await asyncio.to_thread(sentinel, receiver)
+    assert event["exception"]["values"][-1]["type"] == "ValueError"
+    assert "user" not in event
+
+
+def test_shutdown_flushes_and_the_cooldown_table_is_bounded(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, cooldown=3600)
+    alerter.max_tracked = 4
+    for index in range(6):
+        alerter.fire(f"A{index}", severity="info", summary=f"a{index}")
+        alerter.resolve(f"A{index}")
+    assert len(alerter._last_capture) <= 4
+    # A0 was forgotten: it may be captured again despite its cooldown; A5 may not.
+    alerter.fire("A0", severity="info", summary="a0 again")
+    alerter.fire("A5", severity="info", summary="a5 again")
+    alerter.shutdown(5)
+    messages = [e["message"] for e in sentinel(receiver)]
+    assert messages == [f"a{i}" for i in range(6)] + ["a0 again"]

@@ -3,7 +3,7 @@
 Set-up is one line: pass alerters to :func:`ws_monitoring.instrument` or
 :func:`ws_monitoring.serve`::
 
-    from ws_monitoring import PrometheusAlerter, SentryAlerter, serve
+    from ws_monitoring import PrometheusAlerter, SentryAlerter, serve, watch_server
 
     sentry = SentryAlerter()  # DSN from SENTRY_DSN
     prom = PrometheusAlerter(["http://am-1:9093", "http://am-2:9093"], environment="prod")
@@ -269,8 +269,12 @@ class AlertingMessageSink(AlertingSink):
         self.message_alerters: tuple[MessageSink, ...] = tuple(
             a for a in self.alerters if isinstance(a, MessageSink)
         )
+        # The usual case (one SentryAlerter): no token list per message.
+        self._single = self.message_alerters[0] if len(self.message_alerters) == 1 else None
 
     def message_started(self, connection: ConnectionRecord, message: Data) -> object:
+        if self._single is not None:
+            return self._single.message_started(connection, message)
         return [a.message_started(connection, message) for a in self.message_alerters]
 
     def message_finished(
@@ -280,6 +284,9 @@ class AlertingMessageSink(AlertingSink):
         duration: float,
         error: BaseException | None,
     ) -> None:
+        if self._single is not None:
+            self._single.message_finished(connection, token, duration, error)
+            return
         tokens: list[object] = token  # type: ignore[assignment]
         for alerter, tok in zip(self.message_alerters, tokens, strict=True):
             alerter.message_finished(connection, tok, duration, error)
@@ -308,11 +315,7 @@ def build_sink(config: Config) -> Sink | None:
 def _server_state(server: Any) -> tuple[bool, bool]:
     """(serving, closing on purpose) for a websockets asyncio or threading server."""
     if hasattr(server, "close_task"):  # websockets.asyncio.server.Server
-        try:
-            loop_closed = server.get_loop().is_closed()
-        except Exception:
-            loop_closed = True
-        serving = not loop_closed and bool(server.is_serving())
+        serving = not server.get_loop().is_closed() and bool(server.is_serving())
         return serving, server.close_task is not None
     # websockets.sync.server.Server: serve_forever() sets socket_closed when it exits;
     # shutdown() closes its notifier first, which tells a deliberate stop from a crash.
@@ -344,12 +347,17 @@ class ServerWatchdog:
     ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
+        if not (hasattr(server, "close_task") or hasattr(server, "socket_closed")):
+            raise TypeError(f"expected a websockets asyncio or threading Server, got {server!r}")
         self.server = server
         self.alerters = _check_alerters(alerters)
         self.interval = interval
         self.name = name
-        #: Set once the alert has fired.
+        #: Set once the alert has fired (after every alerter got it).
         self.tripped = threading.Event()
+        self._fired = False
+        #: Checks done so far (by the thread, :meth:`check` and :meth:`stop`).
+        self.checks = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -370,13 +378,14 @@ class ServerWatchdog:
 
     def check(self) -> bool:
         """Check now; fire if the server died unexpectedly. Returns whether it is healthy."""
+        self.checks += 1
         serving, stopping = _server_state(self.server)
         if serving or stopping:
             return True
         with self._lock:
-            if self.tripped.is_set():
+            if self._fired:
                 return False
-            self.tripped.set()
+            self._fired = True
         fire_all(
             self.alerters,
             "WebSocketServerDown",
@@ -389,6 +398,7 @@ class ServerWatchdog:
             labels={"server": self.name},
             annotations={"listen_address": self._listen},
         )
+        self.tripped.set()
         return False
 
     def start(self) -> ServerWatchdog:
@@ -405,7 +415,7 @@ class ServerWatchdog:
             try:
                 if not self.check():
                     return
-            except Exception:
+            except Exception:  # pragma: no cover - a watchdog must not die silently
                 logger.exception("server watchdog %s failed", self.name)
                 return
 
@@ -416,7 +426,7 @@ class ServerWatchdog:
         self._stop.set()
         try:
             self.check()
-        except Exception:
+        except Exception:  # pragma: no cover - stopping must not raise
             logger.exception("server watchdog %s failed", self.name)
         if self._thread is not None:
             self._thread.join(self.interval + 1.0)
@@ -457,7 +467,8 @@ def watch_server(
             server.serve_forever()
 
     Raises:
-        TypeError: an entry of ``alerters`` is not an :class:`Alerter`.
+        TypeError: ``server`` is not a websockets server, or an entry of ``alerters``
+            is not an :class:`Alerter`.
         ValueError: ``interval`` is not positive.
     """
     return ServerWatchdog(server, alerters, interval=interval, name=name).start()

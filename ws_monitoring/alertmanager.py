@@ -89,8 +89,16 @@ def _utc(offset: float = 0.0) -> str:
 
 
 def _api_url(url: str) -> str:
+    import httpx
+
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ValueError(f"alertmanager_url: expected an http(s) URL, got {url!r}")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"alertmanager_url: {url!r} is not a valid URL ({exc})") from None
+    if not parsed.host or (parsed.port is not None and not 0 < parsed.port < 65536):
+        raise ValueError(f"alertmanager_url: {url!r} is not a valid URL (host or port)")
     url = url.rstrip("/")
     return url if url.endswith(_API_PATH) else url + _API_PATH
 
@@ -672,7 +680,7 @@ class PrometheusAlerter:
             status = response.status_code
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # a bug here must not kill the sender thread
+        except Exception as exc:  # pragma: no cover - a bug must not kill the sender thread
             logger.exception("alerter %s: unexpected error sending to %s", self.name, target.url)
             error = type(exc).__name__
         with self._lock:
@@ -722,6 +730,6 @@ EXIT_TIMEOUT = 2.0
 
 
 @atexit.register
-def _close_all() -> None:
+def _close_all() -> None:  # pragma: no cover - runs at exit (tested in a subprocess)
     for alerter in list(_live):
         alerter.close(EXIT_TIMEOUT)

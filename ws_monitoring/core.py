@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 from .config import Config
 from .labels import RouteMapper
 from .privacy import Client, Privacy
+from .typing import Data, MessageSink, Sink
 
 #: The client view of a record whose handshake has not finished: nothing known.
 NO_CLIENT = Client(ip=None, user=None)
-from .typing import Data, MessageSink, Sink
 
 if TYPE_CHECKING:
     from websockets.http11 import Request, Response
@@ -205,7 +206,8 @@ class ConnectionRecord:
         self.exemplar_trace_id: str | None = None
         self.exemplars: dict[int, tuple[str, float, float]] | None = None
         #: Close code the peer sent, even one websockets rejected as invalid (0: a close
-        #: frame too short to hold one); 1006 when no close frame arrived.
+        #: frame too short to hold one); else the code the server sent (e.g. 1009 when it
+        #: failed the connection: websockets ignores the peer's answer then); else 1006.
         self.close_code: int | None = None
         self.close_reason = ""
         self.error: BaseException | None = None
@@ -276,10 +278,6 @@ class ConnectionRecord:
             self.exemplars[bucket] = (trace_id, duration, time.time())
 
 
-#: The one attribute the frame hooks add to a protocol instance: its record.
-_RECORD_ATTR = "_ws_monitoring_record"
-#: Marks the protocol classes made by :func:`_counting_class`.
-_COUNTING_MARK = "_ws_monitoring_counting"
 #: Sizes up to this many bytes find their histogram bucket in a table, not a search.
 _SIZE_TABLE_MAX = 65536
 
@@ -309,46 +307,47 @@ def _size_table(bounds: tuple[float, ...]) -> bytes:
 
 
 def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: Monitor) -> None:
-    """Count every data frame the sans-I/O protocol parses or serializes.
+    """Count every frame the sans-I/O protocol parses or serializes.
 
-    The protocol instance becomes an instance of a subclass of its class (made once per
-    monitor and protocol class) whose ``recv_frame``/``send_frame`` call the originals
-    first, so a frame websockets rejects is not counted, then count into the record
-    kept in one instance attribute. Nothing else about the protocol changes.
+    A frame counter joins the protocol's list of negotiated extensions, in first place:
+    websockets hands it every frame it parses, after the other extensions decoded it
+    (sizes are before compression), and every frame it serializes, before they encode
+    it. It passes frames through unchanged, and does not count what websockets then
+    rejects (see :func:`_frame_counter_class`).
 
-    Why a class and not two shadowing instance attributes: on CPython 3.11+, websockets'
-    ``ServerProtocol`` instances keep their attributes in a compact table shared with
-    their class, with room for one more key; a second new key turns it into a full
-    dict, about 1.5 KiB per connection, and two closures cost another 0.5 KiB.
+    Why not shadow ``recv_frame``/``send_frame`` on the instance: on CPython 3.11+,
+    websockets' ``ServerProtocol`` keeps its attributes in a compact table shared with
+    its class, with room for one more key. Two new keys (or a change of class) turn it
+    into a real dict: about 1.5 KiB more per connection, and every attribute access of
+    websockets' parser and serializer gets slower (about 0.7 µs per echoed message).
+    Replacing the value of ``extensions`` adds no key.
 
-    A protocol that cannot change class (another monitor already counts it, or its
-    class has no instance dict) keeps its class and is not counted by this monitor;
-    that is logged once per monitor.
+    Before the handshake (:meth:`Monitor.prepare`), the list is not negotiated yet: the
+    counter joins it as the handshake negotiates it, before any frame can arrive.
     """
-    base = type(protocol)
-    try:
-        cls = monitor.protocol_classes[base]
-    except KeyError:
-        # Not ``hasattr(protocol, "__dict__")``: that would build the very dict we avoid.
-        if getattr(base, _COUNTING_MARK, False) or base.__dictoffset__ == 0:
-            logger.warning(
-                "ws_monitoring: %s is already counted by another monitor, or has no "
-                "instance dict: its frames are not counted by this one",
-                base.__qualname__,
-            )
-            cls = None
-        else:
-            cls = _counting_class(base, monitor)
-        monitor.protocol_classes[base] = cls
-    if cls is None:
+    counter = monitor.frame_counter(record)
+    if protocol.state is not State.CONNECTING:
+        protocol.extensions = [counter, *protocol.extensions]
         return
-    # The attribute first: it takes the free slot of the class's shared key table.
-    setattr(protocol, _RECORD_ATTR, record)
-    protocol.__class__ = cls
+    negotiate = protocol.process_extensions  # type: ignore[attr-defined]
+
+    def process_extensions(headers: Any) -> tuple[Any, list[Any]]:
+        header, accepted = negotiate(headers)
+        return header, [counter, *accepted]
+
+    # The one key the protocol's shared table has room for; used once, by accept().
+    protocol.process_extensions = process_extensions  # type: ignore[attr-defined]
 
 
-def _counting_class(base: type[Protocol], monitor: Monitor) -> type[Protocol]:
-    """A subclass of ``base`` counting frames into ``self._ws_monitoring_record``."""
+def _frame_counter_class(monitor: Monitor) -> type[Any]:
+    """The class of ``monitor``'s frame counters: one per connection, constants shared.
+
+    A counter implements websockets' ``Extension`` interface (``name``, ``decode``,
+    ``encode``). Received frames websockets will reject right after ``decode`` are not
+    counted: reserved bits no extension cleared (``Frame.check``), a new message inside
+    a fragmented one or a continuation outside one (``recv_frame``), oversized or
+    fragmented control frames. Frames that exceed ``max_size`` never reach it.
+    """
     size_bounds = monitor.size_bounds
     table = _size_table(size_bounds)
     n_table = len(table)
@@ -357,120 +356,120 @@ def _counting_class(base: type[Protocol], monitor: Monitor) -> type[Protocol]:
     off_rtt = monitor.layout.rtt
     rtt_bounds = monitor.rtt_bounds
     message_sinks = monitor.message_sinks
-    base_recv = base.recv_frame
-    base_send = base.send_frame
 
-    def recv_frame(self: Any, frame: Frame) -> None:
-        op = frame.opcode
-        if op is _BINARY or op is _TEXT:
-            base_recv(self, frame)
-            record: ConnectionRecord = self._ws_monitoring_record
-            size = len(frame.data)
-            if not frame.fin:
-                record.in_op = op
-                record.in_size = size
-                return
-        elif op is _CLOSE:
-            try:
-                base_recv(self, frame)
-            except (ProtocolError, UnicodeDecodeError):
-                # websockets rejects a close code that is invalid on the wire (and then
-                # reports 1006); keep the code the peer sent, 0 if there was none.
+    class FrameCounter:
+        """Counts one connection's frames into its record (a websockets extension)."""
+
+        __slots__ = ("fragmented", "record")
+
+        #: Shown in ``protocol.extensions``; never negotiated with a client.
+        name = "ws-monitoring-frame-counter"
+
+        def __init__(self, record: ConnectionRecord) -> None:
+            self.record = record
+            self.fragmented = False
+
+        def __repr__(self) -> str:
+            return "<ws_monitoring frame counter>"
+
+        def decode(self, frame: Frame, *, max_size: int | None = None) -> Frame:
+            op = frame.opcode
+            if op is _BINARY or op is _TEXT:
+                if self.fragmented or frame.rsv1 or frame.rsv2 or frame.rsv3:
+                    return frame
+                record = self.record
+                size = len(frame.data)
+                if not frame.fin:
+                    self.fragmented = True
+                    record.in_op = op
+                    record.in_size = size
+                    return frame
+            elif op is _CONT:
+                if not self.fragmented or frame.rsv1 or frame.rsv2 or frame.rsv3:
+                    return frame
+                record = self.record
+                size = record.in_size + len(frame.data)
+                if not frame.fin:
+                    record.in_size = size
+                    return frame
+                self.fragmented = False
+                op = record.in_op
+            elif frame.rsv1 or frame.rsv2 or frame.rsv3 or not frame.fin or len(frame.data) > 125:
+                return frame  # a control frame websockets rejects
+            elif op is _PONG:
+                record = self.record
+                if record.ping_data is not None and frame.data == record.ping_data:
+                    rtt = _now() - record.ping_sent_at
+                    record.ping_data = None
+                    h = record.h
+                    if h is None:
+                        h = record.h = [0] * length
+                    h[off_rtt + bisect_left(rtt_bounds, rtt)] += 1
+                    record.rtt_sum += rtt
+                return frame
+            elif op is _CLOSE:
+                # The code the peer sent, kept even when websockets rejects the frame (an
+                # invalid code, a reason that is not UTF-8) and reports 1006; 0 when it
+                # is too short to hold one. A close frame it accepts wins (Monitor.closed).
                 data = frame.data
-                self._ws_monitoring_record.close_code = (
-                    int.from_bytes(data[:2], "big") if len(data) > 1 else 0
-                )
-                raise
-            return
-        elif op is _CONT:
-            base_recv(self, frame)
-            record = self._ws_monitoring_record
-            size = record.in_size + len(frame.data)
-            if not frame.fin:
-                record.in_size = size
-                return
-            op = record.in_op
-        elif op is _PONG:
-            base_recv(self, frame)
-            record = self._ws_monitoring_record
-            if record.ping_data is not None and frame.data == record.ping_data:
-                rtt = _now() - record.ping_sent_at
-                record.ping_data = None
-                h = record.h
-                if h is None:
-                    h = record.h = [0] * length
-                h[off_rtt + bisect_left(rtt_bounds, rtt)] += 1
-                record.rtt_sum += rtt
-            return
-        else:
-            base_recv(self, frame)
-            return
-        h = record.h
-        if h is None:
-            h = record.h = [0] * length
-        if op is _TEXT:
-            record.in_text += 1
-        else:
-            record.in_binary += 1
-        record.in_bytes += size
-        h[table[size] if size < n_table else bisect_left(size_bounds, size)] += 1
+                self.record.close_code = int.from_bytes(data[:2], "big") if len(data) > 1 else 0
+                return frame
+            else:
+                return frame
+            h = record.h
+            if h is None:
+                h = record.h = [0] * length
+            if op is _TEXT:
+                record.in_text += 1
+            else:
+                record.in_binary += 1
+            record.in_bytes += size
+            h[table[size] if size < n_table else bisect_left(size_bounds, size)] += 1
+            return frame
 
-    def send_frame(self: Any, frame: Frame) -> None:
-        base_send(self, frame)
-        op = frame.opcode
-        if op is _BINARY or op is _TEXT:
-            record: ConnectionRecord = self._ws_monitoring_record
-            size = len(frame.data)
-            if not frame.fin:
-                record.out_op = op
-                record.out_size = size
-                return
-        elif op is _CONT:
-            record = self._ws_monitoring_record
-            size = record.out_size + len(frame.data)
-            if not frame.fin:
-                record.out_size = size
-                return
-            op = record.out_op
-        elif op is _PING:
-            # Keepalive and user pings: the matching pong gives the round-trip time.
-            record = self._ws_monitoring_record
-            record.ping_data = bytes(frame.data)
-            record.ping_sent_at = _now()
-            return
-        else:
-            return
-        h = record.h
-        if h is None:
-            h = record.h = [0] * length
-        binary = op is _BINARY
-        if binary:
-            record.out_binary += 1
-        else:
-            record.out_text += 1
-        record.out_bytes += size
-        h[off_out + (table[size] if size < n_table else bisect_left(size_bounds, size))] += 1
-        if message_sinks:
-            for sink in message_sinks:
-                try:
-                    sink.message_sent(record, binary, size)
-                except Exception:
-                    _sink_failed(sink, "message_sent")
+        def encode(self, frame: Frame) -> Frame:
+            op = frame.opcode
+            if op is _BINARY or op is _TEXT:
+                record = self.record
+                size = len(frame.data)
+                if not frame.fin:
+                    record.out_op = op
+                    record.out_size = size
+                    return frame
+            elif op is _CONT:
+                record = self.record
+                size = record.out_size + len(frame.data)
+                if not frame.fin:
+                    record.out_size = size
+                    return frame
+                op = record.out_op
+            elif op is _PING:
+                # Keepalive and user pings: the matching pong gives the round-trip time.
+                record = self.record
+                record.ping_data = bytes(frame.data)
+                record.ping_sent_at = _now()
+                return frame
+            else:
+                return frame
+            h = record.h
+            if h is None:
+                h = record.h = [0] * length
+            binary = op is _BINARY
+            if binary:
+                record.out_binary += 1
+            else:
+                record.out_text += 1
+            record.out_bytes += size
+            h[off_out + (table[size] if size < n_table else bisect_left(size_bounds, size))] += 1
+            if message_sinks:
+                for sink in message_sinks:
+                    try:
+                        sink.message_sent(record, binary, size)
+                    except Exception:
+                        _sink_failed(sink, "message_sent")
+            return frame
 
-    # ``__slots__ = ()``: same memory layout as ``base``, so ``__class__`` can change.
-    return type(
-        base.__name__,
-        (base,),
-        {
-            "__slots__": (),
-            "__module__": base.__module__,
-            "__qualname__": base.__qualname__,
-            "__doc__": base.__doc__,
-            _COUNTING_MARK: True,
-            "recv_frame": recv_frame,
-            "send_frame": send_frame,
-        },
-    )
+    return FrameCounter
 
 
 #: Close codes the server sends when it fails a connection because of the peer.
@@ -531,8 +530,8 @@ class Monitor:
         self.rtt_bounds = config.rtt_buckets
         # Records must stay cheap to track: the connection holds the record, not the reverse.
         self.count_frames = config.metrics or bool(self.message_sinks)
-        #: Counting subclass per protocol class (see ``_install_frame_hooks``).
-        self.protocol_classes: dict[type[Any], type[Any] | None] = {}
+        #: Makes the per-connection frame counter (see ``_install_frame_hooks``).
+        self.frame_counter: Callable[[ConnectionRecord], Any] = _frame_counter_class(self)
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -610,9 +609,13 @@ class Monitor:
             handshake.route if handshake and handshake.route else self.routes(raw_path)
         )
         record.request = request
-        record.remote_address = connection.remote_address
+        try:
+            record.remote_address = connection.remote_address
+        except OSError:
+            # The threading server's socket is already closed: the client left at once.
+            record.remote_address = None
         record.subprotocol = connection.subprotocol
-        record.client = self.privacy.client(connection.remote_address, request)
+        record.client = self.privacy.client(record.remote_address, request)
         record.handshake = handshake
         record.opened_at = _now()
         record.opened_unix = time.time()
@@ -646,8 +649,11 @@ class Monitor:
             record.close_code = rcvd.code
             record.close_reason = rcvd.reason
         elif record.close_code is None:
-            # No close frame, not even one websockets rejected (see recv_frame).
-            record.close_code = 1006
+            # No close frame from the peer, not even one websockets rejected (see
+            # recv_frame): the code the server closed or failed the connection with (its
+            # parser ignores the peer's answer after a failure), else 1006.
+            sent = protocol.close_sent
+            record.close_code = sent.code if sent is not None else 1006
         if record.error_type is None:
             record.error_type = classify_close(protocol)
         self._dispatch("connection_closed", record)

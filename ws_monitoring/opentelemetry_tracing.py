@@ -173,7 +173,7 @@ def build_sink(config: Config) -> Sink | None:
         return None
     try:
         from .tracing_sink import TracingSink
-    except ImportError as exc:
+    except ImportError as exc:  # pragma: no cover - tested in a subprocess without it
         if not _warned_missing:
             _warned_missing = True
             logger.warning(
@@ -323,7 +323,7 @@ def setup_tracing(
             "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
             _env_number("OTEL_EXPORTER_OTLP_TIMEOUT", 10.0),
         )
-    tls = {
+    tls: dict[str, Any] = {
         "certificate_file": _env(
             "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"
         ),

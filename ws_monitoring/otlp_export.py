@@ -314,27 +314,30 @@ def scope(sc: InstrumentationScope | None) -> bytes:
 
 
 class _Group:
-    __slots__ = ("resource", "resource_schema", "scope", "scope_schema", "spans")
+    """Spans of one resource, by scope: one ``ResourceSpans`` of a request."""
 
-    def __init__(self, res: bytes, res_schema: str, sc: bytes, sc_schema: str) -> None:
+    __slots__ = ("resource", "schema", "scopes")
+
+    def __init__(self, res: bytes, schema: str) -> None:
         self.resource = res
-        self.resource_schema = res_schema
-        self.scope = sc
-        self.scope_schema = sc_schema
-        self.spans: list[bytes] = []
+        self.schema = schema
+        #: Per scope: (encoded scope, scope schema URL, encoded spans).
+        self.scopes: dict[int, tuple[bytes, str, list[bytes]]] = {}
 
 
 def request(groups: Iterable[_Group]) -> bytes:
-    """An ``ExportTraceServiceRequest``: one ``ResourceSpans`` per (resource, scope) group."""
+    """An ``ExportTraceServiceRequest`` body: one ``ResourceSpans`` per group."""
     out = []
     for g in groups:
-        scope_spans = field(b"\x0a", g.scope) + b"".join(field(b"\x12", s) for s in g.spans)
-        if g.scope_schema:
-            scope_spans += string_field(b"\x1a", g.scope_schema)
-        body = field(b"\x0a", g.resource) + field(b"\x12", scope_spans)
-        if g.resource_schema:
-            body += string_field(b"\x1a", g.resource_schema)
-        out.append(field(b"\x0a", body))
+        body = [field(b"\x0a", g.resource)]
+        for sc, sc_schema, spans in g.scopes.values():
+            scope_spans = field(b"\x0a", sc) + b"".join(field(b"\x12", s) for s in spans)
+            if sc_schema:
+                scope_spans += string_field(b"\x1a", sc_schema)
+            body.append(field(b"\x12", scope_spans))
+        if g.schema:
+            body.append(string_field(b"\x1a", g.schema))
+        out.append(field(b"\x0a", b"".join(body)))
     return b"".join(out)
 
 
@@ -411,16 +414,18 @@ class Sender(Protocol):
         ...
 
 
-def _backoff(attempt: int) -> float:
-    # 1 s, 2 s, 4 s... with jitter, as the OTLP specification's exponential backoff.
-    return float(min(2**attempt, 32)) * random.uniform(0.8, 1.2)
+def _backoff(first: float, attempt: int) -> float:
+    # first, 2 x first, 4 x first... with jitter: the OTLP specification's exponential backoff.
+    return first * float(min(2**attempt, 32)) * random.uniform(0.8, 1.2)
 
 
 class HttpSender:
     """OTLP/HTTP with binary protobuf, on one kept-alive connection.
 
     ``compression`` is ``"gzip"``, ``"deflate"`` or ``None``; TLS for ``https`` URLs with
-    ``certificate_file`` (CA bundle) and optional client certificate and key.
+    ``certificate_file`` (CA bundle) and optional client certificate and key. Retries
+    (429, 502, 503, 504, connection errors) wait ``Retry-After`` or an exponential
+    backoff starting at ``backoff`` seconds.
 
     Raises:
         ValueError: ``endpoint`` is not an ``http``/``https`` URL, or an unknown compression.
@@ -437,6 +442,7 @@ class HttpSender:
         certificate_file: str | None = None,
         client_certificate_file: str | None = None,
         client_key_file: str | None = None,
+        backoff: float = 1.0,
     ) -> None:
         url = urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -444,6 +450,8 @@ class HttpSender:
         if compression not in (None, "gzip", "deflate"):
             raise ValueError(f"compression must be gzip, deflate or none, got {compression!r}")
         self.endpoint = endpoint
+        #: Seconds before the first retry; each next one waits twice as long.
+        self.backoff = backoff
         self._host = url.hostname
         self._port = url.port
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
@@ -472,9 +480,9 @@ class HttpSender:
             else:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         else:
+            # A kept-alive connection: its socket exists (failed ones are dropped).
             self._conn.timeout = timeout
-            if self._conn.sock is not None:
-                self._conn.sock.settimeout(timeout)
+            self._conn.sock.settimeout(timeout)
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -511,7 +519,7 @@ class HttpSender:
                 if response.status not in self.RETRYABLE:
                     raise ExportError(error)
                 retry_after = _retry_after(response.getheader("Retry-After"))
-            delay = retry_after if retry_after is not None else _backoff(attempt)
+            delay = retry_after if retry_after is not None else _backoff(self.backoff, attempt)
             if time.monotonic() + delay >= deadline or self._closing.wait(delay):
                 raise ExportError(f"{error} (no retry before the deadline)")
             attempt += 1
@@ -553,6 +561,7 @@ class GrpcSender:
         certificate_file: str | None = None,
         client_certificate_file: str | None = None,
         client_key_file: str | None = None,
+        backoff: float = 1.0,
     ) -> None:
         # grpcio ships no type stubs; the [grpc] extra installs it.
         grpc: Any = importlib.import_module("grpc")
@@ -567,6 +576,8 @@ class GrpcSender:
         else:
             target = endpoint
         self.endpoint = endpoint
+        #: Seconds before the first retry; each next one waits twice as long.
+        self.backoff = backoff
         if insecure:
             self._channel = grpc.insecure_channel(target)
         else:
@@ -605,13 +616,14 @@ class GrpcSender:
                     compression=self._compression,
                 )
             except self._grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                error = f"gRPC {getattr(code, 'name', code)}"
+                # The errors a call raises are also grpc.Call objects, with a code().
+                code = exc.code()
+                error = f"gRPC {code.name}"
                 if code not in self._retryable:
                     raise ExportError(error) from None
             else:
-                return rejected_spans(response if isinstance(response, bytes) else b"")
-            delay = _backoff(attempt)
+                return rejected_spans(response)
+            delay = _backoff(self.backoff, attempt)
             if time.monotonic() + delay >= deadline or self._closing.wait(delay):
                 raise ExportError(f"{error} (no retry before the deadline)")
             attempt += 1
@@ -764,23 +776,21 @@ class ExportProcessor(SpanProcessor):
         return data
 
     def _encode(self, batch: Sequence[bytes | ReadableSpan]) -> bytes:
-        groups: dict[tuple[int, int], _Group] = {}
+        groups: dict[int, _Group] = {}
         for item in batch:
             sc: InstrumentationScope | None
             if isinstance(item, bytes):
                 res, sc, body = self.resource, self.scope, item
             else:
                 res, sc, body = item.resource, item.instrumentation_scope, sdk_span(item)
-            key = (id(res), id(sc))
-            group = groups.get(key)
+            group = groups.get(id(res))
             if group is None:
-                group = groups[key] = _Group(
-                    self._encoded(res, resource),
-                    res.schema_url or "",
-                    self._encoded(sc, scope),
-                    (sc.schema_url or "") if sc is not None else "",
-                )
-            group.spans.append(body)
+                group = groups[id(res)] = _Group(self._encoded(res, resource), res.schema_url)
+            entry = group.scopes.get(id(sc))
+            if entry is None:
+                schema = (sc.schema_url or "") if sc is not None else ""
+                entry = group.scopes[id(sc)] = (self._encoded(sc, scope), schema, [])
+            entry[2].append(body)
         return request(groups.values())
 
     # -- flush and shutdown --------------------------------------------------------------

@@ -57,6 +57,7 @@ import os
 import re
 import secrets
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,10 @@ def _check_purposes(purposes: Iterable[str]) -> frozenset[str]:
     if unknown:
         raise ValueError(f"unknown consent purpose(s) {sorted(unknown)}; known: {sorted(PURPOSES)}")
     return result
+
+
+_PROXY_TYPES = (weakref.ProxyType, weakref.CallableProxyType)
+_PROXY_TEXT = "[weak reference]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -617,6 +622,10 @@ class Privacy:
         return result
 
     def _scrub_item(self, key: str, value: Any, depth: int) -> Any:
+        if type(value) in _PROXY_TYPES:
+            # Any use of a dead weak proxy raises ReferenceError; nothing in one is
+            # worth emitting anyway.
+            return _PROXY_TEXT
         path = _norm(key)
         last = path.rsplit(".", 1)[-1]
         if _SECRET_KEY.search(last) or last in _QUERY_KEYS:
@@ -632,6 +641,8 @@ class Privacy:
         return self._scrub_value(value, depth, path)
 
     def _scrub_value(self, value: Any, depth: int, path: str = "") -> Any:
+        if type(value) in _PROXY_TYPES:
+            return _PROXY_TEXT
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, str):

@@ -219,6 +219,9 @@ class SentryAlerter:
         ValueError: a negative number.
     """
 
+    #: Alerts whose last capture time is remembered (for the cooldown), at most.
+    max_tracked = 10_000
+
     def __init__(
         self,
         sentry_dsn: str | None = None,
@@ -282,7 +285,12 @@ class SentryAlerter:
                     return None
             user = hint.get("ws_monitoring_user") if hint else None
             privacy = (hint.get("ws_monitoring_privacy") if hint else None) or self.privacy
-            scrubbed = privacy.scrub_event(event)
+            try:
+                scrubbed = privacy.scrub_event(event)
+            except Exception:
+                # Fail closed: an event that could not be scrubbed is not sent.
+                logger.warning("dropped a Sentry event that could not be scrubbed", exc_info=True)
+                return None
             if user is not None:
                 # Already the privacy layer's client view: not pseudonymized twice.
                 scrubbed["user"] = user
@@ -334,8 +342,9 @@ class SentryAlerter:
             try:
                 return _process(connection, state, privacy, event, hint)
             except Exception:
-                import traceback, sys; traceback.print_exc(file=sys.stderr)
-                raise
+                # Fail closed: an event that could not be scrubbed is not sent.
+                logger.warning("dropped a Sentry event that could not be scrubbed", exc_info=True)
+                return None
 
         scope.add_event_processor(processor)
 
@@ -435,9 +444,9 @@ class SentryAlerter:
                 return
             self._active.add(key)
             self._last_capture[key] = now
-            if len(self._last_capture) > 10_000:
-                # Bounded: forget the oldest entries first (insertion order).
-                for stale in list(self._last_capture)[:5_000]:
+            if len(self._last_capture) > self.max_tracked:
+                # Bounded: forget the oldest half first (insertion order).
+                for stale in list(self._last_capture)[: self.max_tracked // 2 + 1]:
                     del self._last_capture[stale]
         notes = dict(annotations or {})
         if description is not None:
@@ -512,15 +521,20 @@ def _process(
         "bytes_sent": connection.out_bytes,
     }
     if state.frames:
-        crumbs = event.get("breadcrumbs")
-        if not isinstance(crumbs, dict):
-            crumbs = event["breadcrumbs"] = {"values": list(crumbs or [])}
-        crumbs.setdefault("values", []).extend(_breadcrumb(f) for f in list(state.frames))
+        # The scope has put its own breadcrumbs here, as {"values": [...]}.
+        crumbs = event.setdefault("breadcrumbs", {}).setdefault("values", [])
+        crumbs.extend(_breadcrumb(f) for f in list(state.frames))
     if "fingerprint" not in event:
         exception = _exception_of(hint)
         if exception is not None:
             event["fingerprint"] = ["websockets", connection.route, _type_name(exception)]
-    scrubbed = privacy.scrub_event(event)
+    try:
+        scrubbed = privacy.scrub_event(event)
+    except Exception:
+        # A breadcrumb of another integration may hold an object the scrubber cannot
+        # read (e.g. a dead weak proxy in a log record's extras): keep only ours.
+        event["breadcrumbs"] = {"values": [_breadcrumb(f) for f in list(state.frames)]}
+        scrubbed = privacy.scrub_event(event)
     # The privacy layer's current client view (consent may have changed since the
     # connection opened); pseudonymizing it again would break the link with the logs.
     user = _safe_user(connection)

@@ -5,10 +5,12 @@ Same approach as :mod:`ws_monitoring.asyncio_server`: the handler gets websocket
 message handling, and frames are counted on the sans-I/O protocol, where websockets
 already serializes access with the connection's ``protocol_mutex``.
 
-Only :func:`serve` hooks the connection before its handshake (``Monitor.prepare``).
-A handler instrumented with :func:`ws_monitoring.instrument` and given to
-``websockets.sync.server.serve`` is hooked when the handler starts; a message that reaches the server's reader thread
-in the microseconds between the end of the handshake and that moment is not counted.
+Only :func:`serve` hooks the connection before its handshake (``Monitor.prepare``)
+and opens its record when the handshake ends. A handler instrumented with
+:func:`ws_monitoring.instrument` and given to ``websockets.sync.server.serve`` is hooked
+when the handler starts; a message that reaches the server's reader thread in the
+microseconds between the end of the handshake and that moment is not counted, nor is a
+connection that fails then (websockets does not call its handler).
 """
 
 from __future__ import annotations
@@ -86,12 +88,20 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
 
     @functools.wraps(handler)
     def instrumented(connection: ServerConnection) -> None:
-        record = monitor.open(
-            connection,
-            handshake=getattr(connection, _HANDSHAKE_ATTR, None),
-            record=getattr(connection, _PREPARED_ATTR, None),
-        )
-        setattr(connection, RECORD_ATTR, record)
+        # Opened at the end of the handshake when served by serve(); here otherwise.
+        record = getattr(connection, RECORD_ATTR, None)
+        if record is None:
+            record = monitor.open(
+                connection,
+                handshake=getattr(connection, _HANDSHAKE_ATTR, None),
+                record=getattr(connection, _PREPARED_ATTR, None),
+            )
+            setattr(connection, RECORD_ATTR, record)
+        if not _claim(connection):
+            # The connection closed before its handler started, and the reader thread
+            # closed its record: nothing left to observe.
+            handler(connection)
+            return
         _install_recv_hooks(connection, record)
         try:
             handler(connection)
@@ -113,7 +123,28 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
     return instrumented
 
 
+#: Set on a connection by whoever closes its record: the handler, or the reader thread.
+_CLAIM_ATTR = "_ws_monitoring_claim"
+#: Set on a connection when its reader thread has ended (the connection is closed).
+_READER_DONE_ATTR = "_ws_monitoring_reader_done"
+
+
+def _claim(connection: ServerConnection) -> bool:
+    """Take the job of closing the record of ``connection``: True for one caller only."""
+    token = object()
+    # dict.setdefault is atomic: of concurrent callers, exactly one stores its token.
+    return vars(connection).setdefault(_CLAIM_ATTR, token) is token
+
+
 def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
+    """A subclass of ``base`` that times the handshake and opens the record at its end.
+
+    websockets does not call the handler of a connection that failed right after its
+    handshake (a client sending an oversized or invalid frame at once): the record is
+    opened when the handshake ends, and closed by the reader thread if the handler
+    never took it over, so such a connection is counted like any other.
+    """
+
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
         def __init__(self, sock: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
             # Before super().__init__, which starts the reader thread: a message sent
@@ -134,6 +165,25 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
                 raise
             else:
                 _finish(monitor, record, self)
+                if record.outcome == "accepted":
+                    opened = monitor.open(
+                        self, handshake=record, record=getattr(self, _PREPARED_ATTR, None)
+                    )
+                    setattr(self, RECORD_ATTR, opened)
+                    # Set, then check (the reader does the reverse): one of us sees both.
+                    if getattr(self, _READER_DONE_ATTR, False) and _claim(self):
+                        monitor.closed(opened, self.protocol)
+
+        def recv_events(self) -> None:
+            try:
+                super().recv_events()
+            finally:
+                setattr(self, _READER_DONE_ATTR, True)
+                opened = getattr(self, RECORD_ATTR, None)
+                if opened is not None and _claim(self):
+                    # The handler never started: websockets skipped it, or has yet to
+                    # start it on a connection that is already closed.
+                    monitor.closed(opened, self.protocol)
 
     InstrumentedServerConnection.__name__ = f"Instrumented{base.__name__}"
     InstrumentedServerConnection.__qualname__ = InstrumentedServerConnection.__name__

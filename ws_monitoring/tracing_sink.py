@@ -192,10 +192,11 @@ def _root_bound(sampler: Sampler) -> int | None:
     """The ratio bound a root span's trace id is tested against; ``None``: unknown sampler."""
     if isinstance(sampler, TraceIdRatioBased):
         return sampler.bound
-    if isinstance(sampler, StaticSampler):
-        decision = getattr(sampler, "_decision", None)
-        if decision is not None:
-            return _ALL if decision is Decision.RECORD_AND_SAMPLE else 0
+    decision = getattr(sampler, "_decision", None) if isinstance(sampler, StaticSampler) else None
+    if decision is Decision.RECORD_AND_SAMPLE:
+        return _ALL
+    if decision is Decision.DROP:
+        return 0
     return None
 
 
@@ -386,16 +387,21 @@ _MAX_FRAMES = 32
 _MAX_TEXT = 4096
 
 
+def _exception_type(exc: BaseException) -> str:
+    """The exception's class, qualified by its module unless a builtin."""
+    cls = type(exc)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _exception_attributes(exc: BaseException, client: Client, privacy: Privacy) -> dict[str, Any]:
     """The ``exception`` event's attributes: type and frames; the message only with consent.
 
     An exception message often quotes the payload that caused it, so it is emitted
     (scrubbed) only for clients that consented to ``payload``.
     """
-    name = type(exc).__qualname__
-    module = type(exc).__module__
-    if module not in ("builtins", "__main__"):
-        name = f"{module}.{name}"
+    name = _exception_type(exc)
     frames = "".join(traceback.format_tb(exc.__traceback__, limit=-_MAX_FRAMES))
     attrs: dict[str, Any] = {
         "exception.type": name,
@@ -461,7 +467,6 @@ class TracingSink:
         self._from_message = config.context_from_message
         self._stats = TracingCollector.for_registry(config.registry)
         self._backend: _Backend | None = None
-        self._lock = threading.Lock()
         # A HandshakeRecord does not lead to its server's Privacy; this one applies the
         # same configuration (pseudonym keys are per process or configured).
         self._privacy = Privacy(config)
@@ -472,10 +477,8 @@ class TracingSink:
             provider = trace.get_tracer_provider()
             if not isinstance(provider, TracerProvider):
                 return None
-            with self._lock:
-                if self._backend is None:
-                    self._backend = _Backend(provider)
-                backend = self._backend
+            # Two threads may both get here: equivalent backends, the last one stays.
+            self._backend = backend = _Backend(provider)
         return backend
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -749,7 +752,7 @@ def _emit(
             b"" if conn.handshake is parent else conn.link,
         ]
         if error is not None:
-            name = type(error).__qualname__
+            name = _exception_type(error)
             parts.append(otlp.field(otlp.SPAN_ATTRIBUTE, otlp.key_value("error.type", name)))
             parts.append(
                 otlp.event(
@@ -786,7 +789,7 @@ def _emit(
     events: tuple[Event, ...] = ()
     status = Status(StatusCode.UNSET)
     if error is not None:
-        name = type(error).__qualname__
+        name = _exception_type(error)
         attrs["error.type"] = name
         status = Status(StatusCode.ERROR, name)
         attrs_exc = _exception_attributes(error, connection.client, conn.privacy)

@@ -11,7 +11,8 @@ Environment:
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the other ``OTEL_*`` variables)
     When set, spans are exported over OTLP (Jaeger in the compose file).
 ``SENTRY_DSN``
-    When set (an external Sentry project), handler crashes go to Sentry.
+    When set (an external Sentry project), the Sentry SDK starts with ws_monitoring's
+    integration and no default PII: error log records (handler crashes) become events.
 
 Arguments are those of the ``ws-monitoring`` console script (``demo --host 0.0.0.0 ...``).
 """

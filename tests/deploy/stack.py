@@ -116,7 +116,9 @@ def rule_files_copy() -> dict[str, str]:
 
 def dashboards() -> dict[str, dict[str, Any]]:
     """Every shipped dashboard, by file name."""
-    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS_DIR.glob("*.json"))}
+    return {
+        path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS_DIR.glob("*.json"))
+    }
 
 
 def panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -185,11 +187,23 @@ def interpolate(
             return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
         return items[0]
 
-    return re.sub(
-        r"\$\{(\w+)\}|\$(\w+)", lambda m: value_of(m.group(1) or m.group(2)), expr
-    )
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: value_of(m.group(1) or m.group(2)), expr)
 
 
 def metric_names(expr: str) -> set[str]:
     """Metric-like identifiers of a PromQL expression that name our own metrics."""
     return set(re.findall(r"(?<![:\w])((?:websocket|ws_monitoring)_[a-z_]+)(?![:\w])", expr))
+
+
+# -- Alertmanager ---------------------------------------------------------------------------
+
+
+def alertmanager_config_copy() -> str:
+    """The shipped alertmanager.yml with the receivers' integrations removed.
+
+    Routing, grouping and inhibition stay exactly as shipped; the receivers keep their
+    names but notify nobody, so a test never reaches Slack, PagerDuty or SMTP.
+    """
+    config = load_yaml(ALERTMANAGER_FILE)
+    config["receivers"] = [{"name": receiver["name"]} for receiver in config["receivers"]]
+    return yaml.safe_dump(config, sort_keys=False)

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import gzip
 import http.server
+import ssl
 import threading
 import time
 import zlib
@@ -159,17 +160,22 @@ class _Store:
 class OtlpHttpReceiver(_Store):
     """An OTLP/HTTP collector on ``127.0.0.1``: ``url`` is its base, ``traces_url`` the path.
 
+    ``tls`` (certificate file, key file) serves HTTPS.
+
     ``status`` (200) is the HTTP status it answers, after those queued in ``statuses``
     (one per request); ``retry_after`` a ``Retry-After`` value sent with errors;
     ``delay`` seconds it waits before answering, ``rejected`` a partial-success count
-    it reports. ``attempts`` counts the requests.
+    it reports, ``keep_alive`` whether connections stay open. ``attempts`` counts the
+    requests.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.status = 200
         self.statuses: collections.deque[int] = collections.deque()
         self.retry_after: str | None = None
+        #: False: answer with ``Connection: close``.
+        self.keep_alive = True
         self.delay = 0.0
         self.rejected = 0
         self.attempts = 0
@@ -205,6 +211,8 @@ class OtlpHttpReceiver(_Store):
                 self.send_response(status)
                 if status != 200 and store.retry_after is not None:
                     self.send_header("Retry-After", store.retry_after)
+                if not store.keep_alive:
+                    self.send_header("Connection", "close")
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -215,8 +223,13 @@ class OtlpHttpReceiver(_Store):
 
         self._server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.url = f"http://{HOST}:{self.port}"
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://{HOST}:{self.port}"
         self.traces_url = f"{self.url}/v1/traces"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

@@ -136,9 +136,7 @@ class Prometheus:
             except ValueError:
                 raise PrometheusError(f"GET {url}: HTTP {exc.code}") from None
         if body.get("status") != "success":
-            raise PrometheusError(
-                f"GET {url}: {body.get('errorType')}: {body.get('error')}"
-            )
+            raise PrometheusError(f"GET {url}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
     def query(self, expr: str, time_: float | None = None) -> list[dict[str, Any]]:

@@ -162,8 +162,26 @@ async def settled(
         if samples is not None:
             return samples
         if time.monotonic() > deadline:
-            raise AssertionError(f"{closed} closed connections never showed:\n{scrape().text}")
+            raise AssertionError(_summary(scrape(), closed, handshakes, prefix))
         await asyncio.sleep(0.005)
+
+
+def _summary(samples: Samples, closed: int, handshakes: int | None, prefix: str) -> str:
+    return (
+        f"expected {closed} closed connections, none open"
+        + ("" if handshakes is None else f", {handshakes} handshakes")
+        + "; the scrape has "
+        + ", ".join(
+            f"{name}={samples.total(f'{prefix}_{name}'):g}"
+            for name in (
+                "disconnections_total",
+                "connections_active",
+                "connections_total",
+                "handshake_duration_seconds_count",
+                "handshake_failures_total",
+            )
+        )
+    )
 
 
 def settled_sync(
@@ -174,9 +192,10 @@ def settled_sync(
     prefix: str = "websocket",
 ) -> Samples:
     """:func:`settled` for threads."""
-    return wait_until(
-        _closed(scrape, closed, handshakes, prefix), what=f"{closed} closed connections"
-    )
+    try:
+        return wait_until(_closed(scrape, closed, handshakes, prefix))
+    except AssertionError:
+        raise AssertionError(_summary(scrape(), closed, handshakes, prefix)) from None
 
 
 # -- raw WebSocket over TCP ------------------------------------------------------------------
