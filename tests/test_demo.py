@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,22 @@ def test_cli_runs_for_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
                    "--no-clients"])  # fmt: skip
     assert status == 0
     assert "Metrics:" in capsys.readouterr().out
+
+
+def test_cli_sends_alerts_to_alertmanager(tmp_path: Path) -> None:
+    """`--alertmanager URL`: a metrics port already taken fires WebSocketMetricsServerDown."""
+    import socket
+
+    from tests.helpers.alertmanager import running_alertmanager
+
+    with running_alertmanager(tmp_path) as am, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = main(["demo", "--metrics-port", str(port), "--port", "0", "--duration", "0.1",
+                       "--no-clients", "--alertmanager", am.url])  # fmt: skip
+        assert status == 1
+        name = "WebSocketMetricsServerDown"
+        alerts = am.wait_for_alerts(lambda got: any(a["labels"]["alertname"] == name for a in got))
+        (alert,) = [a for a in alerts if a["labels"]["alertname"] == name]
+        assert alert["labels"]["service"] == "ws-demo"

@@ -24,7 +24,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--metrics-port", type=int, default=8001, help="metrics port (8001)")
     demo.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
     demo.add_argument("--no-clients", action="store_true", help="serve only, no synthetic clients")
+    demo.add_argument(
+        "--alertmanager",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="send alerts to this Alertmanager (repeat for an HA cluster)",
+    )
+    demo.add_argument(
+        "--sentry", action="store_true", help="report handler crashes to Sentry (SENTRY_DSN)"
+    )
     args = parser.parse_args(argv)
+
+    alerters: list[object] = []
+    if args.alertmanager:
+        from .alerting import PrometheusAlerter
+
+        alerters.append(PrometheusAlerter(args.alertmanager, service="ws-demo"))
+    if args.sentry:
+        from .alerting import SentryAlerter
+
+        alerters.append(SentryAlerter())
 
     from .demo import run_demo
     from .metrics_server import MetricsServerError
@@ -39,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     metrics_port=args.metrics_port,
                     duration=args.duration,
                     clients=not args.no_clients,
+                    alerters=alerters,
                 )
             )
     except (MetricsServerError, OSError) as exc:

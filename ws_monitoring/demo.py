@@ -14,7 +14,8 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -130,6 +131,7 @@ async def run_demo(
     clients: bool = True,
     print_fn: Callable[[str], object] = print,
     ready: Callable[[int, int], Awaitable[None] | None] | None = None,
+    alerters: Sequence[Any] = (),
 ) -> None:
     """Run the demo until cancelled or for ``duration`` seconds.
 
@@ -142,11 +144,12 @@ async def run_demo(
     async def handler(ws: ServerConnection) -> None:
         await _chat_handler(ws, rooms)
 
-    with start_metrics_server(metrics_port, metrics_host) as metrics:
+    with start_metrics_server(metrics_port, metrics_host, alerters=alerters) as metrics:
         async with serve(
             handler,
             host,
             port,
+            alerters=alerters,
             routes=ROUTES,
             max_size=MAX_SIZE,
             ping_interval=2,
