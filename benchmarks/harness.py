@@ -29,6 +29,7 @@ __all__ = [
     "interleaved",
     "lag_under_load",
     "memory_per_connection",
+    "profile_window",
     "scrape_times",
     "summarize",
 ]
@@ -110,6 +111,24 @@ async def echo_window(server: ServerProcess, shape: EchoShape) -> Window:
         after["user"] - before["user"],
         after["sys"] - before["sys"],
     )
+
+
+async def profile_window(server: ServerProcess, shape: EchoShape, path: str) -> int:
+    """One window of ``shape`` under cProfile in the server's event loop; stats to ``path``.
+
+    Returns the messages echoed while profiling.
+    """
+    clients = await open_clients(HOST, server.port, ["/"] * shape.connections)
+    try:
+        await settle(server)
+        payload = b"\x42" * shape.size
+        await run_load(clients, payload, window=shape.window, duration=shape.warmup)
+        await asyncio.to_thread(server.command, "profile_start")
+        result = await run_load(clients, payload, window=shape.window, duration=shape.duration)
+        await asyncio.to_thread(server.command, f"profile_stop {path}")
+    finally:
+        await close_clients(clients)
+    return result.messages
 
 
 async def interleaved(

@@ -58,6 +58,7 @@ class EchoClient(asyncio.Protocol):
         self.window = 0
         self.sending = False
         self.idle: asyncio.Future[None] | None = None
+        self.close_sent = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -131,6 +132,11 @@ class EchoClient(asyncio.Protocol):
             if start + n <= end:
                 if opcode == 0x9:
                     self._control(0xA, bytes(buf[start : start + n]))
+                elif opcode == 0x8:
+                    # Answer the server's close frame, as a client must: it then closes TCP.
+                    if not self.close_sent:
+                        self._control(0x8, bytes(buf[start : start + min(n, 2)]))
+                        self.close_sent = True
                 elif counts:
                     done += 1
                 pos = start + n
@@ -188,7 +194,9 @@ class EchoClient(asyncio.Protocol):
         """Close handshake (1000), then wait for the server to close TCP."""
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(masked_frame(struct.pack("!H", 1000), 0x8))
+        if not self.close_sent:
+            self.close_sent = True
+            self.transport.write(masked_frame(struct.pack("!H", 1000), 0x8))
         try:
             await asyncio.wait_for(asyncio.shield(self.closed), timeout)
         except TimeoutError:

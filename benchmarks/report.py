@@ -179,11 +179,18 @@ def table(results: dict[str, Any]) -> str:
             add(f"  {row['overhead_ns']:7.0f} ns  {name}")
     profile = results.get("profile")
     if profile:
-        for variant, rows in profile.items():
+        for variant, info in profile.items():
             add("")
-            add(f"Profile of the server, {variant} (cProfile, top by own time):")
-            for row in rows[:15]:
-                add(f"  {row['tottime_pct']:5.1f} %  {row['calls']:>9}  {row['function']}")
+            add(
+                f"Profile, {variant} vs bare (cProfile in the event loop; µs are inflated by "
+                f"the profiler): {info['calls_per_msg']:.1f} Python calls per message "
+                f"(bare {info['bare_calls_per_msg']:.1f})"
+            )
+            for row in info["top"][:12]:
+                add(
+                    f"  {row['extra_us_per_msg']:+6.2f} µs {row['extra_calls_per_msg']:+5.2f} "
+                    f"calls  {row['function']}"
+                )
     if results.get("errors"):
         add("")
         add("ERRORS:")
@@ -273,18 +280,37 @@ def chart(results: dict[str, Any], path: str) -> bool:
     return True
 
 
-def profile_rows(stats_path: str, top: int = 25) -> list[dict[str, Any]]:
-    """The ``top`` functions of a cProfile dump by own time, as plain rows."""
+def profile_stats(stats_path: str, messages: int) -> dict[str, tuple[float, float]]:
+    """``function -> (calls per message, own µs per message)`` from a cProfile dump."""
     import pstats
 
     stats = pstats.Stats(stats_path)
-    total = sum(row[2] for row in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
-    rows: list[tuple[float, int, str]] = []
-    for (filename, line, name), (_cc, calls, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+    out: dict[str, tuple[float, float]] = {}
+    n = max(1, messages)
+    for (filename, line, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        calls, tottime = row[1], row[2]
         short = filename
         for marker in ("site-packages/", "/lib/python3", "/work/main/"):
             if marker in short:
                 short = short.split(marker, 1)[1]
-        rows.append((tottime, calls, f"{name} ({short}:{line})"))
-    rows.sort(reverse=True)
-    return [{"tottime_pct": 100 * t / total, "calls": c, "function": f} for t, c, f in rows[:top]]
+        out[f"{name} ({short}:{line})"] = (calls / n, tottime / n * 1e6)
+    return out
+
+
+def profile_diff(
+    base: dict[str, tuple[float, float]], other: dict[str, tuple[float, float]], top: int = 15
+) -> list[dict[str, Any]]:
+    """Functions whose own time per message grew most from ``base`` to ``other``."""
+    rows = []
+    for function in set(base) | set(other):
+        b_calls, b_us = base.get(function, (0.0, 0.0))
+        o_calls, o_us = other.get(function, (0.0, 0.0))
+        rows.append(
+            {
+                "function": function,
+                "extra_calls_per_msg": o_calls - b_calls,
+                "extra_us_per_msg": o_us - b_us,
+            }
+        )
+    rows.sort(key=lambda r: -r["extra_us_per_msg"])
+    return rows[:top]

@@ -49,6 +49,7 @@ def stats() -> dict[str, Any]:
         "sys": usage.ru_stime,
         "rss": rss_bytes(),
         "threads": threading.active_count(),
+        "gc": [g["collections"] for g in gc.get_stats()],
     }
 
 

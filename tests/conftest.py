@@ -1,8 +1,9 @@
-"""Shared fixtures: a private registry and a real metrics server scraped over HTTP."""
+"""Shared fixtures: a private registry, a real metrics server scraped over HTTP, options."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -28,3 +29,9 @@ def metrics_server(registry: CollectorRegistry) -> Iterator[MetricsServer]:
 def scrape_metrics(metrics_server: MetricsServer) -> Callable[[], Samples]:
     """Scrape ``metrics_server`` over HTTP: ``scrape_metrics().get(name, **labels)``."""
     return lambda: scrape(metrics_server.url)
+
+
+@pytest.fixture
+def monitoring(registry: CollectorRegistry) -> dict[str, Any]:
+    """ws_monitoring options counting into ``registry``, for ``tests.helpers.servers``."""
+    return {"registry": registry}

@@ -20,11 +20,6 @@ from tests.helpers.scrape import Samples
 from tests.helpers.servers import RawClient, async_server, async_wait_until, settled
 
 
-@pytest.fixture
-def monitoring(registry: CollectorRegistry) -> dict[str, Any]:
-    return {"registry": registry}
-
-
 def messages(samples: Samples, route: str, direction: str, kind: str) -> float | None:
     return samples.get("websocket_messages_total", route=route, direction=direction, type=kind)
 
@@ -87,9 +82,13 @@ async def test_send_counts_fragmented_messages_once(
     assert bucket == 4
 
 
+@pytest.mark.parametrize("tracing", [True, False], ids=["message-sinks", "metrics-only"])
 async def test_recv_recv_streaming_and_async_for_are_counted(
-    monitoring: dict[str, Any], scrape_metrics: Callable[[], Samples]
+    monitoring: dict[str, Any], scrape_metrics: Callable[[], Samples], tracing: bool
 ) -> None:
+    # With tracing on, a message sink sees every message; without, the fast path runs.
+    monitoring = {**monitoring, "tracing": tracing}
+
     async def handler(ws: ServerConnection) -> None:
         first = await ws.recv()
         parts = [fragment async for fragment in ws.recv_streaming()]

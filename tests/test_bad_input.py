@@ -230,8 +230,9 @@ async def test_handshake_that_never_completes(
         for raw in stalled:
             assert await raw.read_eof() == b""
         await async_wait_until(
-            lambda: scrape_metrics().get("websocket_handshake_failures_total", status="timeout")
-            == 3
+            lambda: (
+                scrape_metrics().get("websocket_handshake_failures_total", status="timeout") == 3
+            )
         )
         await still_serves(srv)
         samples = await settled(scrape_metrics, 2, handshakes=5)

@@ -172,7 +172,7 @@ def test_bad_keyword_values(options: dict[str, object], message: str) -> None:
 
 def test_a_bad_keyword_is_not_blamed_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WS_MONITORING_NAMESPACE", "fine")
-    with pytest.raises(ValueError, match="^max_routes must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_routes must be at least 1"):
         Config.from_options(max_routes=0)
 
 

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import logging
 import os
+import socket
 import struct
 import uuid
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from websockets.extensions.base import Extension, ServerExtensionFactory
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.typing import ExtensionName, ExtensionParameter
@@ -311,10 +312,62 @@ def test_nothing_is_hooked_without_metrics_or_message_sinks() -> None:
     assert not monitor.count_frames
     conn = conn_with_request()
     record = monitor.open(conn)
-    assert "recv_frame" not in vars(conn.protocol)
+    assert conn.protocol.extensions == []
     recv(conn, frame(0x1, b"hi"))
     assert record.in_text == 0
     assert lifecycle.events == ["connection_opened"]
+
+
+def test_the_frame_counter_rides_along_the_negotiated_extensions() -> None:
+    monitor = make_monitor()
+    conn = conn_with_request()
+    monitor.open(conn)
+    [counter] = conn.protocol.extensions
+    assert repr(counter) == "<ws_monitoring frame counter>"
+    # Before the handshake (the threading server), it joins the list the handshake makes.
+    protocol = ServerProtocol()
+    record = monitor.prepare(protocol)
+    protocol.receive_data(request_bytes())
+    [request] = protocol.events_received()
+    assert isinstance(request, Request)
+    protocol.send_response(protocol.accept(request))
+    assert [repr(e) for e in protocol.extensions] == ["<ws_monitoring frame counter>"]
+    protocol.receive_data(frame(0x1, b"counted"))
+    assert record.in_text == 1
+
+
+def test_many_size_buckets_fall_back_to_a_search() -> None:
+    # More than 255 bounds: no lookup table, the same buckets by binary search.
+    bounds = tuple(float(b) for b in range(1, 301))
+    monitor = make_monitor(size_buckets=bounds)
+    conn = conn_with_request()
+    record = monitor.open(conn)
+    recv(conn, frame(0x2, b"x" * 5), frame(0x2, b"x" * 1000))
+    conn.protocol.send_binary(b"y" * 300)
+    assert record.h is not None
+    n = len(bounds) + 1
+    assert [i for i, c in enumerate(record.h[:n]) if c] == [4, 300]
+    assert [i for i, c in enumerate(record.h[n : 2 * n]) if c] == [299]
+
+
+def test_a_peer_gone_before_open_has_no_address() -> None:
+    """The threading server's socket may be closed by the time the record opens."""
+
+    class ClosedSocketConn:
+        def __init__(self, conn: Conn) -> None:
+            self.protocol, self.request, self.id = conn.protocol, conn.request, conn.id
+            self.subprotocol = None
+
+        @property
+        def remote_address(self) -> Any:
+            sock = socket.socket()
+            sock.close()
+            return sock.getpeername()  # OSError, as on a socket the client reset
+
+    monitor = make_monitor()
+    record = monitor.open(ClosedSocketConn(conn_with_request()))
+    assert record.remote_address is None
+    assert record.client.ip is None
 
 
 def test_message_sinks_alone_turn_frame_counting_on() -> None:
@@ -361,9 +414,13 @@ def test_message_duration_and_exemplars() -> None:
     record.message_handed("b")
     record.message_done()
     assert list(record.exemplars) == [0]
+    record.message_handed("c")
+    record.exemplar_trace_id = "00f067aa0ba902b7a3ce929d0e0e4736"
+    record.message_done()
+    assert record.exemplars[0][0] == "00f067aa0ba902b7a3ce929d0e0e4736"
     assert record.h is not None
     d = monitor.layout.duration
-    assert record.h[d : d + 2] == [2, 0]
+    assert record.h[d : d + 2] == [3, 0]
 
 
 def test_sink_exceptions_are_isolated_and_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -415,7 +472,8 @@ def test_failed_records_the_handler_exception() -> None:
     monitor.closed(record, conn.protocol)
     # handler_exception is not replaced by how the connection ended afterwards.
     assert record.error_type == "handler_exception"
-    assert record.close_code == 1006
+    # No answer from the peer: the code the server sent.
+    assert record.close_code == 1011
 
 
 def test_age_runs_while_open_and_freezes_when_closed() -> None:
@@ -503,6 +561,16 @@ def _closed_protocol(action: str) -> ServerProtocol:
     elif action == "ping_timeout":
         protocol.fail(1011, "keepalive ping timeout")
         protocol.receive_eof()
+    elif action == "fragment_error":
+        protocol.send_text(b"part", fin=False)
+        protocol.fail(1011, "error in fragmented message")
+        protocol.receive_eof()
+    elif action == "peer_1002_echoed":
+        # The peer says the server broke the protocol; the server only echoes it.
+        protocol.receive_data(close_frame(1002))
+    elif action == "fail_normal_code":
+        protocol.fail(1008, "policy")
+        protocol.receive_eof()
     elif action == "app_1011":
         protocol.send_close(1011, "restarting")
         protocol.receive_data(close_frame(1011))
@@ -527,7 +595,11 @@ def _closed_protocol(action: str) -> ServerProtocol:
         ("fail_1009", "message_too_big"),
         ("fail_1002", "protocol_error"),
         ("ping_timeout", "timeout"),
-        ("app_1011", None),
+        ("app_1011", "internal_error"),
+        ("fragment_error", "internal_error"),
+        ("peer_1002_echoed", None),
+        ("fail_normal_code", None),
+        ("still_open", "connection_reset"),
         ("normal", None),
         ("server_closes", None),
     ],

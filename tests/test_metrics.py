@@ -303,9 +303,7 @@ async def test_exemplars_in_openmetrics_only(
     [duration] = [
         f for f in openmetrics_families(body) if f.name == "websocket_message_duration_seconds"
     ]
-    exemplars = {
-        s.labels["le"]: s.exemplar for s in duration.samples if s.name.endswith("_bucket")
-    }
+    exemplars = {s.labels["le"]: s.exemplar for s in duration.samples if s.name.endswith("_bucket")}
     assert exemplars["+Inf"] is None
     exemplar = exemplars["60.0"]
     assert exemplar is not None

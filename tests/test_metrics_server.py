@@ -174,11 +174,10 @@ def test_basic_auth(registry: CollectorRegistry) -> None:
         assert fetch(server.url, headers=basic("prom", "s3cret"))[0] == 200
         # The health check stays open, for load balancers.
         assert fetch(server.url.removesuffix("/metrics") + "/healthz")[0] == 200
-        try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(server.url, timeout=10)
-        except urllib.error.HTTPError as exc:
-            assert exc.headers["WWW-Authenticate"] == 'Basic realm="metrics"'
-            exc.close()
+        assert caught.value.headers["WWW-Authenticate"] == 'Basic realm="metrics"'
+        caught.value.close()
 
 
 def test_bearer_token(registry: CollectorRegistry) -> None:
@@ -272,9 +271,11 @@ def test_tls(registry: CollectorRegistry, certificate: tuple[Path, Path]) -> Non
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(server.url.replace("https:", "http:"), timeout=10)
         # ...and a client stalled in the TLS handshake does not block the others.
-        with socket.create_connection(("127.0.0.1", server.port)):
-            with urllib.request.urlopen(request, context=context, timeout=10) as response:
-                assert response.status == 200
+        with (
+            socket.create_connection(("127.0.0.1", server.port)),
+            urllib.request.urlopen(request, context=context, timeout=10) as response,
+        ):
+            assert response.status == 200
 
 
 # -- default registry ----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ provider) pointed at a real OTLP/HTTP or OTLP/gRPC receiver on loopback, drives 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -17,14 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -51,6 +50,7 @@ from tests.helpers.servers import (
     RawClient,
     async_server,
     async_wait_until,
+    close_frame,
     settled,
     sync_server_async,
 )
@@ -758,7 +758,6 @@ async def test_slow_collector_shutdown_keeps_its_deadline(
             total = samples.total("ws_monitoring_spans_dropped_total")
             return total + samples["ws_monitoring_spans_exported_total"] == 7
 
-        await async_wait_until(lambda: True)
         await asyncio.to_thread(_wait, accounted)
 
 
@@ -800,8 +799,9 @@ async def test_grpc_export(
 async def test_grpc_failures_are_counted(
     make_tracing: Callable[..., Tracing], registry: CollectorRegistry, metrics_server: Any
 ) -> None:
-    import grpc
     from concurrent import futures
+
+    import grpc
 
     # A gRPC server without the trace service answers UNIMPLEMENTED: not retryable.
     bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
@@ -937,7 +937,9 @@ async def test_an_added_processor_sees_message_spans_too(
     try:
         assert isinstance(tracing.provider, TracerProvider)
         tracing.provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=other.traces_url), schedule_delay_millis=20)
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=other.traces_url), schedule_delay_millis=20
+            )
         )
         async with async_server(echo, monitoring={"registry": registry}) as server:
             async with connect(server.url("/chat")) as ws:
@@ -1242,7 +1244,9 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["setup: ImportError", "ok"]
-    warnings = [line for line in result.stderr.splitlines() if "OpenTelemetry is not installed" in line]
+    warnings = [
+        line for line in result.stderr.splitlines() if "OpenTelemetry is not installed" in line
+    ]
     assert len(warnings) == 1  # once per process
 
 
@@ -1252,14 +1256,16 @@ print("ok")
 async def test_servers_sharing_a_registry_share_the_counters(
     tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry, metrics_server: Any
 ) -> None:
-    async with async_server(echo, monitoring={"registry": registry}) as one_server:
-        async with async_server(echo, monitoring={"registry": registry}) as other_server:
-            for server in (one_server, other_server):
-                async with connect(server.url("/chat")) as ws:
-                    await ws.send("x")
-                    await ws.recv()
-            await spans_until(receiver, lambda s: len(s) == 6)
-            samples = await scrape_async(metrics_server.url)
+    async with (
+        async_server(echo, monitoring={"registry": registry}) as one_server,
+        async_server(echo, monitoring={"registry": registry}) as other_server,
+    ):
+        for server in (one_server, other_server):
+            async with connect(server.url("/chat")) as ws:
+                await ws.send("x")
+                await ws.recv()
+        await spans_until(receiver, lambda s: len(s) == 6)
+        samples = await scrape_async(metrics_server.url)
     carriers = "ws_monitoring_trace_carriers_total"
     assert samples[carriers, {"source": "header", "outcome": "absent"}] == 2
 
@@ -1291,7 +1297,7 @@ async def test_odd_host_header(
         )
         head = await raw.reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
-        await raw.send(close_frame_1000())
+        await raw.send(close_frame(1000))
         await raw.read_eof()
         spans = await spans_until(receiver, lambda s: len(s) == 2)
     hs = one(spans, "GET /chat")
@@ -1300,16 +1306,10 @@ async def test_odd_host_header(
     assert "user_agent.original" not in hs.attributes
 
 
-def close_frame_1000() -> bytes:
-    from tests.helpers.servers import close_frame
-
-    return close_frame(1000)
-
-
 class _BrokenPropagator:
     """A propagator that fails on every extraction (a buggy custom one)."""
 
-    fields: set[str] = set()
+    fields: ClassVar[set[str]] = set()
 
     def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
         raise RuntimeError("broken propagator")

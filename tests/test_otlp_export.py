@@ -214,27 +214,34 @@ def encoded_span(n: int) -> bytes:
 
 def test_bounded_queue_drops_and_counts(receiver: OtlpHttpReceiver) -> None:
     stats = otlp.ExportStats()
-    receiver.delay = 0.5
+    receiver.delay = 5.0
     processor = otlp.ExportProcessor(
         otlp.HttpSender(receiver.traces_url),
         RESOURCE,
         SCOPE,
         max_queue_size=4,
-        max_export_batch_size=2,
+        max_export_batch_size=1,
         schedule_delay=60,
         stats=stats,
     )
-    for n in range(10):
+    processor.offer_encoded(encoded_span(0))
+    _wait_for(lambda: receiver.attempts == 1)  # the export thread is busy now
+    for n in range(1, 11):
         processor.offer_encoded(encoded_span(n))
-    assert processor.flush(10)
-    processor.shutdown(5)
+    assert stats.snapshot() == ({"queue_full": 6, "export_failed": 0, "shutdown": 0}, 0)
+    processor.shutdown(0.1)  # aborts the export in flight
     processor.offer_encoded(encoded_span(99))
-    dropped, exported = stats.snapshot()
-    assert exported + dropped["queue_full"] == 10
-    assert dropped["queue_full"] >= 4
-    assert dropped["shutdown"] == 1  # offered after shutdown
-    assert len(receiver.spans) == exported
+    _wait_for(lambda: stats.snapshot()[0]["export_failed"] == 1)
+    assert stats.snapshot() == ({"queue_full": 6, "export_failed": 1, "shutdown": 5}, 0)
     processor.shutdown(1)  # idempotent
+    assert receiver.spans == []
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.005)
 
 
 def test_shutdown_counts_what_it_could_not_send(receiver: OtlpHttpReceiver) -> None:

@@ -19,11 +19,7 @@ from websockets.sync.server import ServerConnection
 
 from tests.helpers.scrape import Samples
 from tests.helpers.servers import HOST, settled_sync, sync_server, wait_until
-
-
-@pytest.fixture
-def monitoring(registry: CollectorRegistry) -> dict[str, Any]:
-    return {"registry": registry}
+from ws_monitoring.core import ConnectionRecord, HandshakeRecord
 
 
 def messages(samples: Samples, route: str, direction: str, kind: str) -> float | None:
@@ -55,9 +51,13 @@ def http(port: int, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.parametrize("tracing", [True, False], ids=["message-sinks", "metrics-only"])
 def test_every_way_to_receive_is_counted(
-    monitoring: dict[str, Any], scrape_metrics: Callable[[], Samples]
+    monitoring: dict[str, Any], scrape_metrics: Callable[[], Samples], tracing: bool
 ) -> None:
+    # With tracing on, a message sink sees every message; without, the fast path runs.
+    monitoring = {**monitoring, "tracing": tracing}
+
     def handler(ws: ServerConnection) -> None:
         with pytest.raises(TimeoutError):
             ws.recv(timeout=0)  # nothing yet: no message handed, nothing timed
@@ -262,3 +262,71 @@ def test_ping_rtt_is_measured(
     samples = settled_sync(scrape_metrics, 1)
     assert samples["websocket_ping_rtt_seconds_count", {"route": "/p"}] >= 1
     assert samples["websocket_ping_rtt_seconds_sum", {"route": "/p"}] > 0
+
+
+def test_health_check_off(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    seen: list[str] = []
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        seen.append(request.path)
+        return None
+
+    def handler(ws: ServerConnection) -> None:
+        ws.send("hi")
+
+    monitoring = {"registry": registry, "health_path": None}
+    with sync_server(handler, monitoring=monitoring, process_request=process_request) as srv:
+        answer = http(srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 426 ")
+        samples = settled_sync(scrape_metrics, 0, handshakes=1)
+    # The path reaches the user's hook and is an ordinary failed WebSocket handshake.
+    assert seen == ["/healthz"]
+    assert samples["websocket_handshake_failures_total", {"status": "426"}] == 1
+
+
+class SlowToOpen:
+    """A sink slow to see a handshake end: the client is gone before the handler starts.
+
+    It makes a real interleaving happen on demand: websockets skips the handler of a
+    connection that is closed by the end of its handshake.
+    """
+
+    def __init__(self) -> None:
+        #: Connections by arrival, from the server's process_request.
+        self.connections: list[ServerConnection] = []
+
+    def connection_opened(self, connection: ConnectionRecord) -> None: ...
+    def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None: ...
+    def connection_closed(self, connection: ConnectionRecord) -> None: ...
+    def shutdown(self, timeout: float) -> None: ...
+
+    def handshake_finished(self, handshake: HandshakeRecord) -> None:
+        if handshake.outcome == "accepted" and handshake.path == "/gone":
+            reader = self.connections.pop().recv_events_thread
+            wait_until(lambda: not reader.is_alive(), what="the reader thread to end")
+
+
+def test_a_connection_closed_before_its_handler_is_counted(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    ran: list[bool] = []
+
+    def handler(ws: ServerConnection) -> None:
+        ran.append(True)
+
+    slow = SlowToOpen()
+
+    def process_request(connection: ServerConnection, request: Request) -> None:
+        slow.connections.append(connection)
+
+    monitoring = {"registry": registry, "sinks": [slow]}
+    with sync_server(handler, monitoring=monitoring, process_request=process_request) as srv:
+        with connect(srv.url("/gone")):
+            pass
+        samples = settled_sync(scrape_metrics, 1)
+    assert ran == []
+    assert samples["websocket_connections_total", {"route": "/gone"}] == 1
+    assert samples["websocket_disconnections_total", {"route": "/gone", "code": "1000"}] == 1
+    assert samples["websocket_connections_active", {"route": "/gone"}] == 0

@@ -491,17 +491,18 @@ def classify_close(protocol: Protocol) -> str | None:
             return "connection_reset"
         return "internal_error"
     sent = protocol.close_sent
-    if sent is not None:
-        # The connection, not the parser, failed it: invalid UTF-8 is found when
-        # recv() decodes a message, too many fragments when it assembles one.
-        kind = _FAILURE_CODES.get(sent.code)
-        if kind is not None:
-            return kind
-        if sent.code == 1011 and "timeout" in sent.reason:
-            return "timeout"
-    if protocol.close_rcvd is None:
-        return "connection_reset"
-    return None
+    if sent is not None and not protocol.close_rcvd_then_sent:
+        # The server closed first (a peer's code echoed back says nothing about it):
+        # with 1011, or failing the connection because of the peer, which the parser
+        # did not see (invalid UTF-8 is found when recv() decodes a message, too many
+        # fragments when it assembles one). A handler's crash never gets here: it is
+        # counted as handler_exception first.
+        if sent.code == 1011:
+            return "timeout" if "timeout" in sent.reason else "internal_error"
+        return _FAILURE_CODES.get(sent.code)
+    # Without a close frame either way, the connection was dropped (or its handler was
+    # cancelled while it was still open).
+    return None if protocol.close_rcvd is not None else "connection_reset"
 
 
 class Monitor:
@@ -605,9 +606,7 @@ class Monitor:
         record.connection = connection
         record.id = str(connection.id)
         record.path = raw_path.split("?", 1)[0]
-        record.route = (
-            handshake.route if handshake and handshake.route else self.routes(raw_path)
-        )
+        record.route = handshake.route if handshake and handshake.route else self.routes(raw_path)
         record.request = request
         try:
             record.remote_address = connection.remote_address

@@ -106,7 +106,7 @@ class Snapshot:
         self.disconnections: dict[tuple[str, str], int] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.handshake_failures: dict[str, int] = {}
-        self.handshake_duration: _Histogram | None = None
+        self.handshake_duration = _Histogram(0)
 
 
 class MetricsSink:
@@ -319,12 +319,11 @@ class MetricsSink:
         hs_duration = HistogramMetricFamily(
             names["handshake_duration"], "Opening handshake time in seconds."
         )
-        if snap.handshake_duration is not None:
-            hs_duration.add_metric(
-                [],
-                _buckets(cfg.handshake_buckets, snap.handshake_duration.counts),
-                snap.handshake_duration.sum,
-            )
+        hs_duration.add_metric(
+            [],
+            _buckets(cfg.handshake_buckets, snap.handshake_duration.counts),
+            snap.handshake_duration.sum,
+        )
 
         messages = CounterMetricFamily(
             names["messages"],

@@ -22,7 +22,8 @@ configure an exporter once, and serve as usual::
             async with ws_monitoring.serve(handler, "", 8765):
                 await asyncio.get_running_loop().create_future()
         finally:
-            tracing.shutdown(timeout=5)   # flushes what is queued, at most 5 s
+            # Flushes what is queued, 5 s at most; it blocks: keep it off the event loop.
+            await asyncio.to_thread(tracing.shutdown, 5)
 
 ``setup_tracing()`` installs an SDK ``TracerProvider`` exporting over OTLP/HTTP
 (``protocol="grpc"`` for gRPC) and honours the standard variables:
@@ -60,6 +61,9 @@ span                   kind      when, parent, attributes
                                  ``messaging.message.body.size``, ``websocket.message.type``
                                  (text/binary), ``websocket.connection.id``,
                                  ``client.address``, ``user.id`` (privacy-safe views).
+                                 With ``recv_streaming()``, the size is the first
+                                 fragment's. No handshake span (a handler wrapped with
+                                 ``instrument()`` but served by websockets): no link.
                                  A handler exception: status ERROR, ``error.type`` and an
                                  ``exception`` event.
 ``send {route}``       PRODUCER  each sent message, with ``trace_sent_messages=True`` only
@@ -134,6 +138,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -216,12 +221,15 @@ class Tracing:
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush, then stop exporting, within ``timeout`` seconds; ``False`` if late.
 
-        A provider that :func:`setup_tracing` did not create is only flushed.
+        Blocks the calling thread (from async code: ``asyncio.to_thread``). Spans not
+        sent by the deadline are dropped and counted. A provider that
+        :func:`setup_tracing` did not create is only flushed.
         """
         if not self.owned or self.processor is None or self.provider is None:
             return self.force_flush(timeout)
+        deadline = time.monotonic() + timeout
         flushed = self.processor.flush(timeout)
-        self.processor.shutdown(0.0 if not flushed else timeout)
+        self.processor.shutdown(max(0.0, deadline - time.monotonic()))
         self.provider.shutdown()  # type: ignore[attr-defined]
         return flushed
 

@@ -22,11 +22,13 @@ spans without counting them. Here:
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import http.client
 import importlib
 import logging
 import random
+import socket
 import ssl
 import struct
 import threading
@@ -526,6 +528,11 @@ class HttpSender:
 
     def close(self) -> None:
         self._closing.set()
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            # Closing alone would not wake the export thread blocked reading an answer.
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
         self._drop_connection()
 
 

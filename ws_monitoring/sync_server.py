@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from .asyncio_server import _HANDSHAKE_ATTR, RECORD_ATTR, _finish
+from .asyncio_server import _HANDSHAKE_ATTR, RECORD_ATTR, SHUTDOWN_TIMEOUT, _finish
 from .core import ConnectionRecord, HandshakeRecord, Monitor, _now
 from .typing import Data
 
@@ -228,4 +228,13 @@ def serve(
     )
     # Lets the privacy and logging layers find this server's monitor.
     server.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    shutdown = server.shutdown
+
+    @functools.wraps(shutdown)
+    def shutdown_then_flush(*args: Any, **kwargs: Any) -> None:
+        # ``with serve(...)`` ends here: flush the sinks (spans, alerts) within a deadline.
+        shutdown(*args, **kwargs)
+        monitor.shutdown(SHUTDOWN_TIMEOUT)
+
+    server.shutdown = shutdown_then_flush  # type: ignore[method-assign]
     return server

@@ -627,7 +627,10 @@ class TracingSink:
             current = Context({**current, **extra})
         # Handler code sees this span as current: its spans are the message span's
         # children, sampled or dropped with it.
-        token = _attach(Context({**current, _SPAN_KEY: NonRecordingSpan(sc)}))
+        span = NonRecordingSpan(sc)
+        token = _attach(
+            Context({**current, _SPAN_KEY: span}) if current else Context({_SPAN_KEY: span})
+        )
         return (token, _time_ns(), trace_id, span_id, flags, parent, conn, message, state)
 
     def _carrier(self, message: Data) -> Context | None:

@@ -9,6 +9,7 @@ another status, answer late, or report a partial success.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import gzip
 import http.server
@@ -231,7 +232,9 @@ class OtlpHttpReceiver(_Store):
         scheme = "https" if tls is not None else "http"
         self.url = f"{scheme}://{HOST}:{self.port}"
         self.traces_url = f"{self.url}/v1/traces"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -265,7 +268,9 @@ class OtlpGrpcReceiver(_Store):
         self._server.stop(0).wait(5)
 
 
+@contextlib.contextmanager
 def http_receiver() -> Iterator[OtlpHttpReceiver]:
+    """An :class:`OtlpHttpReceiver` for the duration of a ``with`` block."""
     receiver = OtlpHttpReceiver()
     try:
         yield receiver
@@ -273,7 +278,9 @@ def http_receiver() -> Iterator[OtlpHttpReceiver]:
         receiver.close()
 
 
+@contextlib.contextmanager
 def grpc_receiver() -> Iterator[OtlpGrpcReceiver]:
+    """An :class:`OtlpGrpcReceiver` for the duration of a ``with`` block."""
     receiver = OtlpGrpcReceiver()
     try:
         yield receiver

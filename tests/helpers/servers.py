@@ -100,7 +100,7 @@ async def sync_server_async(
 # -- waiting on conditions --------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, what: str = "") -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -113,7 +113,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = ""
 
 
 async def async_wait_until(
-    predicate: Callable[[], T], timeout: float = 10.0, what: str = ""
+    predicate: Callable[[], T | None], timeout: float = 10.0, what: str = ""
 ) -> T:
     """:func:`wait_until` that yields to the event loop between polls."""
     deadline = time.monotonic() + timeout
