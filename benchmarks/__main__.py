@@ -235,7 +235,7 @@ class Suite:
         finally:
             await harness.close_clients(idle)
         out["idle_connections"] = self.idle
-        for phase in ("load", "load+scrapes+alerts"):
+        for phase in harness.LAG_PHASES:
             if not out.get(phase, {}).get("samples"):
                 self.errors.append(f"lag: no samples in phase {phase}")
         return out

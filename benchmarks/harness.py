@@ -281,6 +281,10 @@ def _lag_summary(samples: Sequence[float]) -> dict[str, Any]:
     }
 
 
+#: Phases of the lag test: the load alone, then with scrapes, alerts, both.
+LAG_PHASES = ("load", "load+scrapes", "load+alerts", "load+scrapes+alerts")
+
+
 async def _scraper(port: int, every: float, stop: asyncio.Event, out: list[float]) -> None:
     with ThreadPoolExecutor(1) as pool:
         loop = asyncio.get_running_loop()
@@ -319,22 +323,27 @@ async def lag_under_load(
     payload = b"\x42" * shape.size
     try:
         await run_load(clients, payload, window=shape.window, duration=shape.warmup)
-        for phase in ("load", "load+scrapes+alerts"):
+        for phase in LAG_PHASES:
             stop = asyncio.Event()
             scrapes: list[float] = []
             crashes: list[int] = []
+            gc_before = (await asyncio.to_thread(server.command, "stats"))["gc"]
             await asyncio.to_thread(server.command, "lag_start")
             tasks = []
-            if phase != "load":
-                tasks = [
-                    asyncio.create_task(_scraper(server.metrics_port, scrape_every, stop, scrapes)),
-                    asyncio.create_task(_crasher(server.port, crash_every, stop, crashes)),
-                ]
+            if "scrapes" in phase:
+                tasks.append(
+                    asyncio.create_task(_scraper(server.metrics_port, scrape_every, stop, scrapes))
+                )
+            if "alerts" in phase:
+                tasks.append(asyncio.create_task(_crasher(server.port, crash_every, stop, crashes)))
             result = await run_load(clients, payload, window=shape.window, duration=shape.duration)
             stop.set()
             await asyncio.gather(*tasks)
             lag = await asyncio.to_thread(server.command, "lag_stop")
+            gc_after = (await asyncio.to_thread(server.command, "stats"))["gc"]
             out[phase] = {
+                # Full collections walk every object of every connection, holding the GIL.
+                "full_gc": gc_after[2] - gc_before[2],
                 **_lag_summary(lag["lag"]),
                 "messages": result.messages,
                 "msgs_per_s": result.rate,

@@ -159,14 +159,15 @@ def table(results: dict[str, Any]) -> str:
         add(
             f"Event-loop lag (1 ms timer lateness), {lag['shape']}, {lag['idle_connections']} idle:"
         )
-        for phase in ("load", "load+scrapes+alerts"):
+        for phase in ("load", "load+scrapes", "load+alerts", "load+scrapes+alerts"):
             row = lag.get(phase)
             if row:
                 add(
                     f"  {phase:22} p50 {_fmt(row['p50_ms'], '.2f')} ms, p99 "
                     f"{_fmt(row['p99_ms'], '.2f')} ms, max {_fmt(row['max_ms'], '.2f')} ms, "
                     f"{row.get('over_10ms', 0)} samples > 10 ms; {row['scrapes']} scrapes "
-                    f"(max {_fmt(row['scrape_ms_max'], '.1f')} ms), {row['crashes']} crashes"
+                    f"(max {_fmt(row['scrape_ms_max'], '.1f')} ms), {row['crashes']} crashes, "
+                    f"{row.get('full_gc', 0)} full GC"
                 )
         alerts = results.get("exports", {}).get("alerts")
         if alerts is not None:

@@ -7,7 +7,6 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
 import ws_monitoring
-from tests.helpers.alertmanager import Alertmanager, running_alertmanager
+from tests.helpers.alertmanager import running_alertmanager
 from tests.helpers.servers import HOST, async_wait_until, wait_until
-from tests.test_alertmanager import recording_peer
+from tests.test_alertmanager import alerter, recording_peer
 from ws_monitoring import MetricsServerError, start_metrics_server
 from ws_monitoring.alerting import (
     Alerter,
@@ -79,22 +78,12 @@ class Broken(Recorder):
         raise RuntimeError("broken alerter")
 
 
-@contextlib.contextmanager
-def prom_alerter(url: str, registry: CollectorRegistry, **options: Any) -> Iterator[
-    PrometheusAlerter
-]:  # fmt: skip
-    options = {"backoff": 0.02, "max_backoff": 0.2, "cooldown": 0, "service": "chat", **options}
-    alerter = PrometheusAlerter(url, registry=registry, **options)
-    try:
-        yield alerter
-    finally:
-        alerter.close(timeout=1)
-
-
-@pytest.fixture
-def am(tmp_path: Path) -> Iterator[Alertmanager]:
-    with running_alertmanager(tmp_path) as manager:
-        yield manager
+def prom_alerter(
+    url: str, registry: CollectorRegistry, **options: Any
+) -> contextlib.AbstractContextManager[PrometheusAlerter]:
+    """``test_alertmanager.alerter`` labelled ``service="chat"`` only: the instance and
+    environment labels keep their defaults."""
+    return alerter(url, registry, static={"service": "chat"}, **options)
 
 
 async def crashing_server(alerters: list[Any], routes: list[str], paths: list[str]) -> None:
@@ -122,9 +111,12 @@ async def crashing_server(alerters: list[Any], routes: list[str], paths: list[st
 
 
 async def test_handler_crashes_become_one_aggregated_alert(
-    am: Alertmanager, registry: CollectorRegistry
+    tmp_path: Path, registry: CollectorRegistry
 ) -> None:
-    with prom_alerter(am.url, registry, crash_quiet_period=3600) as prom:
+    with (
+        running_alertmanager(tmp_path) as am,
+        prom_alerter(am.url, registry, crash_quiet_period=3600) as prom,
+    ):
         await crashing_server([prom], ["/rooms/{room}"], ["/rooms/1", "/rooms/2", "/lobby"])
         assert prom.flush(5)
         alerts = am.alerts()
@@ -354,10 +346,10 @@ def test_fire_all_logs_a_failing_alerter(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_metrics_server_bind_failure_fires_before_raising(
-    am: Alertmanager, registry: CollectorRegistry
+    tmp_path: Path, registry: CollectorRegistry
 ) -> None:
     recorder = Recorder()
-    with socket.create_server((HOST, 0)) as taken:
+    with running_alertmanager(tmp_path) as am, socket.create_server((HOST, 0)) as taken:
         port = taken.getsockname()[1]
         with prom_alerter(am.url, registry) as prom:
             with pytest.raises(MetricsServerError, match=str(port)):

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from websockets.asyncio.server import ServerConnection
 
 import ws_monitoring
 from tests.helpers.alertmanager import Alertmanager, running_alertmanager
+from tests.helpers.process import hanging_peer
 from tests.helpers.scrape import Samples
 from tests.helpers.servers import HOST, async_wait_until, wait_until
 from tests.helpers.system import free_port
@@ -37,10 +38,16 @@ def named(name: str) -> Callable[[list[dict[str, Any]]], bool]:
 
 
 @contextlib.contextmanager
-def alerter(urls: str | list[str], registry: CollectorRegistry, **options: Any) -> Iterator[
-    PrometheusAlerter
-]:  # fmt: skip
-    options = {"backoff": 0.02, "max_backoff": 0.2, "cooldown": 0, **STATIC, **options}
+def alerter(
+    urls: str | list[str],
+    registry: CollectorRegistry,
+    *,
+    static: Mapping[str, str] = STATIC,
+    **options: Any,
+) -> Iterator[PrometheusAlerter]:
+    """A ``PrometheusAlerter`` with the ``static`` labels, quick retries and no cooldown
+    (unless ``options`` say otherwise), closed when the block ends."""
+    options = {"backoff": 0.02, "max_backoff": 0.2, "cooldown": 0, **static, **options}
     prom = PrometheusAlerter(urls, registry=registry, **options)
     try:
         yield prom
@@ -285,37 +292,6 @@ def test_5xx_is_retried_with_backoff_until_it_succeeds(
         ]
         assert retried == attempts - 1
         assert all(body[0]["labels"] == peer.bodies[0][0]["labels"] for body in peer.bodies)
-
-
-class Hanging:
-    """A TCP server that accepts connections and never reads nor answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server((HOST, 0))
-        self.url = f"http://{HOST}:{self.sock.getsockname()[1]}"
-        self.accepted: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                self.accepted.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.accepted:
-            conn.close()
-
-
-@contextlib.contextmanager
-def hanging_peer() -> Iterator[Hanging]:
-    peer = Hanging()
-    try:
-        yield peer
-    finally:
-        peer.close()
 
 
 async def test_a_hanging_alertmanager_never_slows_message_handling(

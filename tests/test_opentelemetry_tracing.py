@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pytest
 from opentelemetry import trace
@@ -48,6 +48,7 @@ from tests.helpers.scrape import OPENMETRICS, Samples, fetch, scrape
 from tests.helpers.servers import (
     HOST,
     RawClient,
+    Running,
     async_server,
     async_wait_until,
     close_frame,
@@ -121,6 +122,36 @@ def tracing(receiver: OtlpHttpReceiver, make_tracing: Callable[..., Tracing]) ->
     return make_tracing(service_name="chat-test", endpoint=receiver.url, sample_ratio=1.0)
 
 
+class EchoSpans(Protocol):
+    async def __call__(
+        self,
+        *messages: str | bytes,
+        spans: int,
+        headers: dict[str, str] | None = None,
+        **monitoring: Any,
+    ) -> list[ReceivedSpan]: ...
+
+
+@pytest.fixture
+def echo_spans(receiver: OtlpHttpReceiver, registry: CollectorRegistry) -> EchoSpans:
+    """``await echo_spans(*messages, spans=N, headers=None, **monitoring)``: the ``N``
+    spans ``receiver`` got from one :func:`exchange` of ``messages`` with an echo server
+    instrumented with ``monitoring`` (counting into ``registry``)."""
+
+    async def run(
+        *messages: str | bytes,
+        spans: int,
+        headers: dict[str, str] | None = None,
+        **monitoring: Any,
+    ) -> list[ReceivedSpan]:
+        options = {"registry": registry, **monitoring}
+        async with async_server(echo, monitoring=options) as server:
+            await exchange(server, *messages, headers=headers)
+            return await spans_until(receiver, spans)
+
+    return run
+
+
 async def echo(ws: ServerConnection) -> None:
     async for message in ws:
         await ws.send(message)
@@ -128,10 +159,23 @@ async def echo(ws: ServerConnection) -> None:
 
 async def spans_until(
     receiver: OtlpHttpReceiver | OtlpGrpcReceiver,
-    predicate: Callable[[list[ReceivedSpan]], bool],
+    done: int | Callable[[list[ReceivedSpan]], bool],
 ) -> list[ReceivedSpan]:
-    """Wait without blocking the event loop the server runs on."""
+    """The spans ``receiver`` got once ``done(spans)`` holds, or once exactly ``done``
+    spans arrived when it is a number; waits without blocking the server's event loop."""
+    predicate = done if callable(done) else lambda spans: len(spans) == done
     return await asyncio.to_thread(receiver.wait, predicate)
+
+
+async def exchange(
+    server: Running, *messages: str | bytes, headers: dict[str, str] | None = None
+) -> None:
+    """One client connection to ``/chat`` (with ``headers``) that sends each message in
+    turn and checks that it is echoed back, then closes normally."""
+    async with connect(server.url("/chat"), additional_headers=headers) as ws:
+        for message in messages:
+            await ws.send(message)
+            assert await ws.recv() == message
 
 
 def names(spans: list[ReceivedSpan]) -> list[str]:
@@ -142,6 +186,15 @@ def one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
     found = [s for s in spans if s.name == name]
     assert len(found) == 1, f"expected one {name!r} span, got {names(spans)}"
     return found[0]
+
+
+def upgrade_request(extra_headers: bytes = b"", *, host: bytes = b"x") -> bytes:
+    """A raw upgrade request for ``/chat``, with header lines no client would send."""
+    return (
+        b"GET /chat HTTP/1.1\r\nHost: " + host + b"\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n" + extra_headers + b"\r\n"
+    )
 
 
 async def scrape_async(url: str) -> Samples:
@@ -161,7 +214,7 @@ async def test_handshake_message_and_close_spans(
             await ws.send(b"\x00\x01\x02")
             assert await ws.recv() == b"\x00\x01\x02"
             await ws.close(1000, "bye")
-        spans = await spans_until(receiver, lambda s: len(s) == 4)
+        spans = await spans_until(receiver, 4)
 
     assert names(spans) == ["GET /chat", "close /chat", "process /chat", "process /chat"]
     hs = one(spans, "GET /chat")
@@ -235,15 +288,11 @@ async def test_handshake_message_and_close_spans(
 
 
 async def test_client_traceparent_continues_into_the_handshake_span(
-    tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry, metrics_server: Any
+    tracing: Tracing, metrics_server: Any, echo_spans: EchoSpans
 ) -> None:
-    async with async_server(echo, monitoring={"registry": registry}) as server:
-        headers = {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"}
-        async with connect(server.url("/chat"), additional_headers=headers) as ws:
-            await ws.send("x")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
-        samples = await scrape_async(metrics_server.url)
+    headers = {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"}
+    spans = await echo_spans("x", spans=3, headers=headers)
+    samples = await scrape_async(metrics_server.url)
 
     hs = one(spans, "GET /chat")
     assert (hs.trace_id, hs.parent_span_id) == (TRACE_ID, PARENT_ID)
@@ -258,18 +307,14 @@ async def test_client_traceparent_continues_into_the_handshake_span(
     assert samples[carriers, {"source": "header", "outcome": "absent"}] == 0
 
 
-async def test_messages_in_connection_trace(
-    tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry
-) -> None:
-    monitoring = {"registry": registry, "trace_messages_in_connection_trace": True}
-    async with async_server(echo, monitoring=monitoring) as server:
-        async with connect(
-            server.url("/chat"), additional_headers={"traceparent": TRACEPARENT}
-        ) as ws:
-            for text in ("a", "b"):
-                await ws.send(text)
-                await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 4)
+async def test_messages_in_connection_trace(tracing: Tracing, echo_spans: EchoSpans) -> None:
+    spans = await echo_spans(
+        "a",
+        "b",
+        spans=4,
+        headers={"traceparent": TRACEPARENT},
+        trace_messages_in_connection_trace=True,
+    )
 
     hs = one(spans, "GET /chat")
     messages = [s for s in spans if s.name == "process /chat"]
@@ -292,10 +337,8 @@ async def test_handler_spans_are_children_of_the_message_span(
             await ws.send(message)
 
     async with async_server(handler, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("q")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 5)
+        await exchange(server, "q")
+        spans = await spans_until(receiver, 5)
 
     message = one(spans, "process /chat")
     lookup = one(spans, "lookup")
@@ -323,7 +366,7 @@ async def test_sync_server_spans(
                 assert ws.recv() == "s"
 
         await asyncio.to_thread(client)
-        spans = await spans_until(receiver, lambda s: len(s) == 5)
+        spans = await spans_until(receiver, 5)
 
     message = one(spans, "process /chat")
     work = one(spans, "work")
@@ -347,21 +390,15 @@ async def test_sent_messages_outside_a_message_start_their_own_trace(
     async with async_server(greeter, monitoring=monitoring) as server:
         async with connect(server.url("/chat")) as ws:
             assert await ws.recv() == b"welcome"
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+        spans = await spans_until(receiver, 3)
     send = one(spans, "send /chat")
     assert send.parent_span_id == ""
     assert send.attributes["websocket.message.type"] == "binary"
     assert send.attributes["messaging.message.body.size"] == 7
 
 
-async def test_no_sent_spans_by_default(
-    tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry
-) -> None:
-    async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+async def test_no_sent_spans_by_default(tracing: Tracing, echo_spans: EchoSpans) -> None:
+    spans = await echo_spans("x", spans=3)
     assert names(spans) == ["GET /chat", "close /chat", "process /chat"]
 
 
@@ -395,7 +432,7 @@ async def test_errors_and_slow_messages_are_kept_at_a_zero_ratio(
             with pytest.raises(ConnectionClosed):
                 await ws.recv()
         await settled(lambda: scrape(metrics_server.url), 1)
-        spans = await spans_until(receiver, lambda s: len(s) == 2)
+        spans = await spans_until(receiver, 2)
         await asyncio.to_thread(tracing_flush)
         om = (await asyncio.to_thread(fetch, metrics_server.url, accept=OPENMETRICS))[2]
 
@@ -442,7 +479,7 @@ async def test_exception_message_with_payload_consent(
             await ws.send("hello")
             with pytest.raises(ConnectionClosed):
                 await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+        spans = await spans_until(receiver, 3)
     message = one(spans, "process /chat")
     assert message.attributes["client.address"] == "127.0.0.1"  # consented: raw
     [(_, _, attrs)] = message.events
@@ -463,7 +500,7 @@ async def test_abnormal_close_is_visible_on_the_close_span(
     async with async_server(echo, monitoring={"registry": registry}) as server:
         raw = await RawClient.open(server.port, "/chat")
         raw.reset()
-        spans = await spans_until(receiver, lambda s: len(s) == 2)
+        spans = await spans_until(receiver, 2)
     close = one(spans, "close /chat")
     assert close.status == "ERROR"
     assert close.status_message == "connection_reset"
@@ -484,7 +521,7 @@ async def test_rejected_handshake_has_an_error_status(
             await connect(server.url("/chat"))
         status, _, _ = await asyncio.to_thread(fetch, f"http://{HOST}:{server.port}/healthz")
         assert status == 200
-        spans = await spans_until(receiver, lambda s: len(s) == 1)
+        spans = await spans_until(receiver, 1)
     [hs] = spans  # the health check makes no span
     assert hs.name == "GET /chat"
     assert hs.status == "ERROR"
@@ -502,12 +539,8 @@ async def test_malformed_traceparent_header_starts_a_new_trace(
 ) -> None:
     async with async_server(echo, monitoring={"registry": registry}) as server:
         for value in ("garbage", f"00-{'0' * 32}-{PARENT_ID}-01", f"ff-{TRACE_ID}-{PARENT_ID}-01"):
-            async with connect(
-                server.url("/chat"), additional_headers={"traceparent": value}
-            ) as ws:
-                await ws.send("x")
-                assert await ws.recv() == "x"
-        spans = await spans_until(receiver, lambda s: len(s) == 9)
+            await exchange(server, "x", headers={"traceparent": value})
+        spans = await spans_until(receiver, 9)
         samples = await scrape_async(metrics_server.url)
     for hs in (s for s in spans if s.name == "GET /chat"):
         assert hs.parent_span_id == ""
@@ -522,18 +555,12 @@ async def test_one_megabyte_header_is_rejected_and_counted(
 ) -> None:
     async with async_server(echo, monitoring={"registry": registry}) as server:
         raw = await RawClient.connect(server.port)
-        await raw.send(
-            b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            b"traceparent: " + b"0" * (1 << 20) + b"\r\n\r\n"
-        )
+        await raw.send(upgrade_request(b"traceparent: " + b"0" * (1 << 20) + b"\r\n"))
         answer = await raw.read_eof()
         # websockets refuses header lines over 8 KiB before they reach any hook.
         assert answer.startswith(b"HTTP/1.1 431 ")
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("still healthy")
-            assert await ws.recv() == "still healthy"
-        spans = await spans_until(receiver, lambda s: len(s) == 4)
+        await exchange(server, "still healthy")
+        spans = await spans_until(receiver, 4)
         samples = await scrape_async(metrics_server.url)
     failed = one(spans, "HTTP")
     assert failed.status == "ERROR"
@@ -571,11 +598,8 @@ async def test_context_from_message(
         "not json",  # error
     ]
     async with async_server(handler, monitoring=monitoring) as server:
-        async with connect(server.url("/chat")) as ws:
-            for message in messages:
-                await ws.send(message)
-                assert await ws.recv() == message
-        spans = await spans_until(receiver, lambda s: len(s) == 2 + 2 * len(messages))
+        await exchange(server, *messages)
+        spans = await spans_until(receiver, 2 + 2 * len(messages))
         samples = await scrape_async(metrics_server.url)
 
     processed = [s for s in spans if s.name == "process /chat"]
@@ -594,19 +618,15 @@ async def test_context_from_message(
 
 
 async def test_message_carrier_wins_over_the_connection_trace(
-    tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry
+    tracing: Tracing, echo_spans: EchoSpans
 ) -> None:
-    monitoring = {
-        "registry": registry,
-        "trace_messages_in_connection_trace": True,
-        "context_from_message": lambda m: json.loads(m),
-    }
-    async with async_server(echo, monitoring=monitoring) as server:
-        async with connect(server.url("/chat")) as ws:
-            for message in (json.dumps({"traceparent": TRACEPARENT}), json.dumps({})):
-                await ws.send(message)
-                await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 4)
+    spans = await echo_spans(
+        json.dumps({"traceparent": TRACEPARENT}),
+        json.dumps({}),
+        spans=4,
+        trace_messages_in_connection_trace=True,
+        context_from_message=lambda m: json.loads(m),
+    )
     hs = one(spans, "GET /chat")
     carried, plain = sorted(
         (s for s in spans if s.name == "process /chat"), key=lambda s: s.trace_id != TRACE_ID
@@ -621,17 +641,11 @@ async def test_message_carrier_wins_over_the_connection_trace(
 
 
 async def test_sampled_message_trace_id_is_an_exemplar(
-    tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry, metrics_server: Any
+    tracing: Tracing, metrics_server: Any, echo_spans: EchoSpans
 ) -> None:
-    async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
-        _, content_type, body = await asyncio.to_thread(
-            fetch, metrics_server.url, accept=OPENMETRICS
-        )
-        _, _, plain = await asyncio.to_thread(fetch, metrics_server.url)
+    spans = await echo_spans("x", spans=3)
+    _, content_type, body = await asyncio.to_thread(fetch, metrics_server.url, accept=OPENMETRICS)
+    _, _, plain = await asyncio.to_thread(fetch, metrics_server.url)
     message = one(spans, "process /chat")
     assert content_type.startswith("application/openmetrics-text")
     lines = [
@@ -658,10 +672,7 @@ async def test_dead_collector_does_not_stop_traffic(
         max_export_batch_size=4,
     )
     async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            for i in range(60):
-                await ws.send(str(i))
-                assert await ws.recv() == str(i)
+        await exchange(server, *(str(i) for i in range(60)))
         await settled(lambda: scrape(metrics_server.url), 1)
         await asyncio.to_thread(handle.shutdown, 2.0)
         samples = await scrape_async(metrics_server.url)
@@ -684,9 +695,7 @@ async def test_refusing_collector_counts_failed_exports(
     receiver.status = 400  # not retryable
     handle = make_tracing(endpoint=receiver.traces_url, sample_ratio=1.0)
     async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            await ws.recv()
+        await exchange(server, "x")
         await settled(lambda: scrape(metrics_server.url), 1)
         assert await asyncio.to_thread(handle.force_flush, 5.0)
         samples = await scrape_async(metrics_server.url)
@@ -704,10 +713,8 @@ async def test_transient_failures_are_retried(
     receiver.retry_after = "0"
     handle = make_tracing(endpoint=receiver.url, sample_ratio=1.0)
     async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+        await exchange(server, "x")
+        spans = await spans_until(receiver, 3)
         assert await asyncio.to_thread(handle.force_flush, 5.0)
         samples = await scrape_async(metrics_server.url)
     assert names(spans) == ["GET /chat", "close /chat", "process /chat"]
@@ -725,10 +732,8 @@ async def test_partial_success_counts_rejected_spans(
     receiver.rejected = 1
     handle = make_tracing(endpoint=receiver.url, sample_ratio=1.0)
     async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            await ws.recv()
-        await spans_until(receiver, lambda s: len(s) == 3)
+        await exchange(server, "x")
+        await spans_until(receiver, 3)
         assert await asyncio.to_thread(handle.force_flush, 5.0)
         samples = await scrape_async(metrics_server.url)
     rejected = samples["ws_monitoring_spans_dropped_total", {"reason": "export_failed"}]
@@ -745,10 +750,7 @@ async def test_slow_collector_shutdown_keeps_its_deadline(
     receiver.delay = 3.0
     handle = make_tracing(endpoint=receiver.url, sample_ratio=1.0, timeout=10.0)
     async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            for i in range(5):
-                await ws.send(str(i))
-                assert await ws.recv() == str(i)
+        await exchange(server, *(str(i) for i in range(5)))
         await settled(lambda: scrape(metrics_server.url), 1)
         # The collector answers in 3 s; shutting down may take 0.2 s: it cannot flush.
         assert await asyncio.to_thread(handle.shutdown, 0.2) is False
@@ -781,12 +783,8 @@ async def test_grpc_export(
             compression="gzip",
         )
         async with async_server(echo, monitoring={"registry": registry}) as server:
-            async with connect(
-                server.url("/chat"), additional_headers={"traceparent": TRACEPARENT}
-            ) as ws:
-                await ws.send("g")
-                await ws.recv()
-            spans = await spans_until(grpc_receiver, lambda s: len(s) == 3)
+            await exchange(server, "g", headers={"traceparent": TRACEPARENT})
+            spans = await spans_until(grpc_receiver, 3)
     finally:
         grpc_receiver.close()
     assert names(spans) == ["GET /chat", "close /chat", "process /chat"]
@@ -810,9 +808,7 @@ async def test_grpc_failures_are_counted(
     try:
         handle = make_tracing(protocol="grpc", endpoint=f"http://{HOST}:{port}", sample_ratio=1.0)
         async with async_server(echo, monitoring={"registry": registry}) as server:
-            async with connect(server.url("/chat")) as ws:
-                await ws.send("x")
-                await ws.recv()
+            await exchange(server, "x")
             await settled(lambda: scrape(metrics_server.url), 1)
             assert await asyncio.to_thread(handle.force_flush, 5.0)
             samples = await scrape_async(metrics_server.url)
@@ -828,9 +824,7 @@ async def test_grpc_unavailable_collector(
         protocol="grpc", endpoint=f"http://{HOST}:{free_port()}", sample_ratio=1.0, timeout=0.3
     )
     async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            assert await ws.recv() == "x"
+        await exchange(server, "x")
         await settled(lambda: scrape(metrics_server.url), 1)
         await asyncio.to_thread(handle.force_flush, 5.0)
         samples = await scrape_async(metrics_server.url)
@@ -886,7 +880,7 @@ async def test_application_provider_is_kept_and_errors_still_exported(
                 await ws.send("boom")
                 with pytest.raises(ConnectionClosed):
                     await ws.recv()
-            spans = await spans_until(receiver, lambda s: len(s) == 1)
+            spans = await spans_until(receiver, 1)
         assert handle.force_flush(5.0)
         assert handle.shutdown(5.0)  # only flushes a provider it did not create
     finally:
@@ -917,10 +911,8 @@ async def test_application_provider_sent_spans(
     try:
         monitoring = {"registry": registry, "trace_sent_messages": True}
         async with async_server(echo, monitoring=monitoring) as server:
-            async with connect(server.url("/chat")) as ws:
-                await ws.send(b"b")
-                await ws.recv()
-            spans = await spans_until(receiver, lambda s: len(s) == 4)
+            await exchange(server, b"b")
+            spans = await spans_until(receiver, 4)
     finally:
         provider.shutdown()
     message = one(spans, "process /chat")
@@ -942,11 +934,9 @@ async def test_an_added_processor_sees_message_spans_too(
             )
         )
         async with async_server(echo, monitoring={"registry": registry}) as server:
-            async with connect(server.url("/chat")) as ws:
-                await ws.send("x")
-                await ws.recv()
-            ours = await spans_until(receiver, lambda s: len(s) == 3)
-            theirs = await spans_until(other, lambda s: len(s) == 3)
+            await exchange(server, "x")
+            ours = await spans_until(receiver, 3)
+            theirs = await spans_until(other, 3)
     finally:
         tracing.shutdown(2)
         other.close()
@@ -979,20 +969,16 @@ class _ProcessOnly(Sampler):
 async def test_custom_sampler_is_asked(
     receiver: OtlpHttpReceiver,
     make_tracing: Callable[..., Tracing],
-    registry: CollectorRegistry,
     in_connection_trace: bool,
+    echo_spans: EchoSpans,
 ) -> None:
     make_tracing(endpoint=receiver.url, sampler=_ProcessOnly())
-    monitoring = {
-        "registry": registry,
-        "trace_messages_in_connection_trace": in_connection_trace,
-        "trace_sent_messages": True,
-    }
-    async with async_server(echo, monitoring=monitoring) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("x")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 1)
+    spans = await echo_spans(
+        "x",
+        spans=1,
+        trace_messages_in_connection_trace=in_connection_trace,
+        trace_sent_messages=True,
+    )
     assert names(spans) == ["process /chat"]
 
 
@@ -1024,15 +1010,11 @@ async def test_samplers(
     monitoring = {"registry": registry, "trace_messages_in_connection_trace": True}
     unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
     async with async_server(echo, monitoring=monitoring) as server:
-        async with connect(
-            server.url("/chat"), additional_headers={"traceparent": unsampled}
-        ) as ws:
-            await ws.send("x")
-            await ws.recv()
+        await exchange(server, "x", headers={"traceparent": unsampled})
         await asyncio.sleep(0)
     await asyncio.to_thread(handle.force_flush, 5.0)
     if kept:
-        await spans_until(receiver, lambda s: len(s) == len(kept))
+        await spans_until(receiver, len(kept))
     assert names(receiver.spans) == kept
 
 
@@ -1048,14 +1030,10 @@ async def test_spans_start_once_a_provider_is_set(
     # Instrumented before any provider exists (the usual import-time decorator).
     monitoring = {"registry": registry, "trace_sent_messages": True}
     async with async_server(handler, monitoring=monitoring) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("untraced")
-            assert await ws.recv() == "untraced"
+        await exchange(server, "untraced")
         make_tracing(endpoint=receiver.url, sample_ratio=1.0)
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("traced")
-            assert await ws.recv() == "traced"
-        spans = await spans_until(receiver, lambda s: len(s) == 5)
+        await exchange(server, "traced")
+        spans = await spans_until(receiver, 5)
     assert names(spans) == ["GET /chat", "child", "close /chat", "process /chat", "send /chat"]
 
 
@@ -1065,8 +1043,8 @@ async def test_spans_start_once_a_provider_is_set(
 async def test_environment_variables(
     receiver: OtlpHttpReceiver,
     make_tracing: Callable[..., Tracing],
-    registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
+    echo_spans: EchoSpans,
 ) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "env-service")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test,team=rt")
@@ -1081,11 +1059,7 @@ async def test_environment_variables(
     assert handle.processor is not None
     assert (handle.processor.max_queue_size, handle.processor.batch_size) == (100, 10)
     assert handle.processor.schedule_delay == 0.02
-    async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("e")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+    spans = await echo_spans("e", spans=3)
     assert spans[0].resource["service.name"] == "env-service"
     assert spans[0].resource["deployment.environment"] == "test"
     assert spans[0].resource["team"] == "rt"
@@ -1098,8 +1072,8 @@ async def test_environment_variables(
 async def test_arguments_win_over_environment(
     receiver: OtlpHttpReceiver,
     make_tracing: Callable[..., Tracing],
-    registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
+    echo_spans: EchoSpans,
 ) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "env-service")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://{HOST}:{free_port()}/x")
@@ -1113,11 +1087,7 @@ async def test_arguments_win_over_environment(
         compression="deflate",
         resource_attributes={"region": "eu"},
     )
-    async with async_server(echo, monitoring={"registry": registry}) as server:
-        async with connect(server.url("/chat")) as ws:
-            await ws.send("e")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+    spans = await echo_spans("e", spans=3)
     assert spans[0].resource["service.name"] == "arg-service"
     assert spans[0].resource["region"] == "eu"
     assert receiver.headers[0]["x-api-key"] == "arg"
@@ -1261,26 +1231,20 @@ async def test_servers_sharing_a_registry_share_the_counters(
         async_server(echo, monitoring={"registry": registry}) as other_server,
     ):
         for server in (one_server, other_server):
-            async with connect(server.url("/chat")) as ws:
-                await ws.send("x")
-                await ws.recv()
-        await spans_until(receiver, lambda s: len(s) == 6)
+            await exchange(server, "x")
+        await spans_until(receiver, 6)
         samples = await scrape_async(metrics_server.url)
     carriers = "ws_monitoring_trace_carriers_total"
     assert samples[carriers, {"source": "header", "outcome": "absent"}] == 2
 
 
-async def test_client_without_a_known_address(
-    tracing: Tracing, receiver: OtlpHttpReceiver, registry: CollectorRegistry
-) -> None:
-    monitoring = {"registry": registry, "trusted_proxies": [HOST]}
-    async with async_server(echo, monitoring=monitoring) as server:
-        async with connect(
-            server.url("/chat"), additional_headers={"X-Forwarded-For": "unknown"}
-        ) as ws:
-            await ws.send("x")
-            await ws.recv()
-        spans = await spans_until(receiver, lambda s: len(s) == 3)
+async def test_client_without_a_known_address(tracing: Tracing, echo_spans: EchoSpans) -> None:
+    spans = await echo_spans(
+        "x",
+        spans=3,
+        headers={"X-Forwarded-For": "unknown"},
+        trusted_proxies=[HOST],
+    )
     assert "client.address" not in one(spans, "process /chat").attributes
     assert "client.address" not in one(spans, "close /chat").attributes
 
@@ -1290,16 +1254,12 @@ async def test_odd_host_header(
 ) -> None:
     async with async_server(echo, monitoring={"registry": registry}) as server:
         raw = await RawClient.connect(server.port)
-        await raw.send(
-            b"GET /chat HTTP/1.1\r\nHost: not a host!\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        await raw.send(upgrade_request(host=b"not a host!"))
         head = await raw.reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
         await raw.send(close_frame(1000))
         await raw.read_eof()
-        spans = await spans_until(receiver, lambda s: len(s) == 2)
+        spans = await spans_until(receiver, 2)
     hs = one(spans, "GET /chat")
     assert "server.address" not in hs.attributes
     assert "server.port" not in hs.attributes
@@ -1331,12 +1291,12 @@ async def test_broken_propagator_is_harmless(
     try:
         monitoring = {"registry": registry, "context_from_message": lambda m: json.loads(m)}
         async with async_server(echo, monitoring=monitoring) as server:
-            async with connect(
-                server.url("/chat"), additional_headers={"traceparent": TRACEPARENT}
-            ) as ws:
-                await ws.send(json.dumps({"traceparent": TRACEPARENT}))
-                await ws.recv()
-            spans = await spans_until(receiver, lambda s: len(s) == 3)
+            await exchange(
+                server,
+                json.dumps({"traceparent": TRACEPARENT}),
+                headers={"traceparent": TRACEPARENT},
+            )
+            spans = await spans_until(receiver, 3)
             samples = await scrape_async(metrics_server.url)
     finally:
         propagate.set_global_textmap(previous)
@@ -1380,9 +1340,7 @@ async def test_server_shutdown_flushes_within_its_deadline(
     monitor = handler.__ws_monitoring__  # type: ignore[attr-defined]
     try:
         async with async_server(handler) as server:
-            async with connect(server.url("/chat")) as ws:
-                await ws.send("x")
-                await ws.recv()
+            await exchange(server, "x")
             await async_wait_until(lambda: monitor.sinks and _closed(monitor))
         assert receiver.spans == []
         await asyncio.to_thread(monitor.shutdown, 5.0)

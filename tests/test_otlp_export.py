@@ -71,10 +71,15 @@ def full_span() -> ReadableSpan:
     )
 
 
+def http_processor(url: str, **options: Any) -> otlp.ExportProcessor:
+    """An export processor for ``RESOURCE`` and ``SCOPE`` sending to ``url`` over HTTP,
+    counting into ``ExportStats`` of its own (``processor.stats``) unless given some."""
+    options.setdefault("stats", otlp.ExportStats())
+    return otlp.ExportProcessor(otlp.HttpSender(url), RESOURCE, SCOPE, **options)
+
+
 def our_request(spans: list[ReadableSpan]) -> ExportTraceServiceRequest:
-    processor = otlp.ExportProcessor(
-        otlp.HttpSender(f"http://{HOST}:1/v1/traces"), RESOURCE, SCOPE, schedule_delay=60
-    )
+    processor = http_processor(f"http://{HOST}:1/v1/traces", schedule_delay=60)
     try:
         body = processor._encode(spans)
     finally:
@@ -213,17 +218,11 @@ def encoded_span(n: int) -> bytes:
 
 
 def test_bounded_queue_drops_and_counts(receiver: OtlpHttpReceiver) -> None:
-    stats = otlp.ExportStats()
     receiver.delay = 5.0
-    processor = otlp.ExportProcessor(
-        otlp.HttpSender(receiver.traces_url),
-        RESOURCE,
-        SCOPE,
-        max_queue_size=4,
-        max_export_batch_size=1,
-        schedule_delay=60,
-        stats=stats,
+    processor = http_processor(
+        receiver.traces_url, max_queue_size=4, max_export_batch_size=1, schedule_delay=60
     )
+    stats = processor.stats
     processor.offer_encoded(encoded_span(0))
     _wait_for(lambda: receiver.attempts == 1)  # the export thread is busy now
     for n in range(1, 11):
@@ -245,29 +244,17 @@ def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 
 def test_shutdown_counts_what_it_could_not_send(receiver: OtlpHttpReceiver) -> None:
-    stats = otlp.ExportStats()
     receiver.delay = 2.0
-    processor = otlp.ExportProcessor(
-        otlp.HttpSender(receiver.traces_url),
-        RESOURCE,
-        SCOPE,
-        max_export_batch_size=1,
-        schedule_delay=0.01,
-        export_timeout=10,
-        stats=stats,
+    processor = http_processor(
+        receiver.traces_url, max_export_batch_size=1, schedule_delay=0.01, export_timeout=10
     )
+    stats = processor.stats
     for n in range(3):
         processor.offer_encoded(encoded_span(n))
-    deadline = time.monotonic() + 5
-    while receiver.attempts == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for(lambda: receiver.attempts > 0, timeout=5)
     processor.shutdown(0.1)
     # One batch in flight (failed: the connection was closed under it), two never sent.
-    deadline = time.monotonic() + 10
-    while sum(stats.snapshot()[0].values()) + stats.snapshot()[1] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for(lambda: sum(stats.snapshot()[0].values()) + stats.snapshot()[1] >= 3)
     dropped, exported = stats.snapshot()
     assert dropped["shutdown"] == 2
     assert dropped["export_failed"] + exported == 1
@@ -275,10 +262,8 @@ def test_shutdown_counts_what_it_could_not_send(receiver: OtlpHttpReceiver) -> N
 
 
 def test_unencodable_span_is_counted(receiver: OtlpHttpReceiver) -> None:
-    stats = otlp.ExportStats()
-    processor = otlp.ExportProcessor(
-        otlp.HttpSender(receiver.traces_url), RESOURCE, SCOPE, schedule_delay=60, stats=stats
-    )
+    processor = http_processor(receiver.traces_url, schedule_delay=60)
+    stats = processor.stats
     broken = ReadableSpan("broken", _context(1, 2), resource=RESOURCE, kind=None)  # type: ignore[arg-type]
     processor.on_end(broken)
     processor.on_end(ReadableSpan("unsampled", SpanContext(1, 3, False), resource=RESOURCE))
@@ -432,9 +417,7 @@ def test_dropped_counts_and_schema_urls() -> None:
 
 
 def test_encoded_resources_cache_stays_bounded(receiver: OtlpHttpReceiver) -> None:
-    processor = otlp.ExportProcessor(
-        otlp.HttpSender(receiver.traces_url), RESOURCE, SCOPE, schedule_delay=60
-    )
+    processor = http_processor(receiver.traces_url, schedule_delay=60)
     try:
         for n in range(100):
             res = Resource({"service.name": f"s{n}"})

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,12 @@ import pytest
 import sentry_sdk
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
 import ws_monitoring
+from tests.helpers.process import HangingPeer
 from tests.helpers.scrape import Samples
 from tests.helpers.sentry_receiver import SentryReceiver, reset_sentry, sentry_receiver
 from tests.helpers.servers import HOST, async_wait_until, wait_until
@@ -71,11 +71,29 @@ def crumbs(event: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Any, *alerters: Any, closes: int = 1, **options: Any
+) -> AsyncIterator[tuple[Server, str]]:
+    """``ws_monitoring.serve`` on a free loopback port with ``alerters`` and no metrics.
+
+    Yields the server and its ``ws://host:port`` base URL; once the block is done, waits
+    until ``closes`` connections have closed (every sink has seen them) before the
+    server stops.
+    """
+    closed = Closed()
+    async with ws_monitoring.serve(
+        handler, HOST, 0, alerters=list(alerters), metrics=False, sinks=[closed], **options
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield server, f"ws://{HOST}:{port}"
+        await async_wait_until(lambda: closed.count == closes, what=f"{closes} closed")
+
+
 async def crash_once(
     alerter: SentryAlerter, *, consent: frozenset[str] = frozenset(), **options: Any
 ) -> tuple[str, Any]:
     """A real server whose handler echoes, then crashes on "boom"; returns (id, server)."""
-    closed = Closed()
     seen: list[str] = []
 
     async def handler(ws: ServerConnection) -> None:
@@ -85,32 +103,26 @@ async def crash_once(
                 raise ValueError("boom")
             await ws.send(message)
 
-    async with ws_monitoring.serve(
-        handler,
-        HOST,
-        0,
-        alerters=[alerter],
-        routes=ROUTES,
-        metrics=False,
-        sinks=[closed],
-        user_id_resolver=lambda request: request.headers.get("X-User"),
-        consent_resolver=lambda request: consent,
-        **options,
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(
-            f"ws://{HOST}:{port}/rooms/42?token=secret", additional_headers={"X-User": "alice"}
-        ) as client:
-            await client.send("hello")
-            assert await client.recv() == "hello"
-            await client.send(b"\x00\x01")
-            assert await client.recv() == b"\x00\x01"
-            await client.send("boom")
-            with pytest.raises(ConnectionClosed) as info:
-                await client.recv()
-            assert info.value.rcvd is not None
-            assert info.value.rcvd.code == 1011
-        await async_wait_until(lambda: closed.count == 1, what="the connection closed")
+    async with (
+        serving(
+            handler,
+            alerter,
+            routes=ROUTES,
+            user_id_resolver=lambda request: request.headers.get("X-User"),
+            consent_resolver=lambda request: consent,
+            **options,
+        ) as (server, url),
+        connect(f"{url}/rooms/42?token=secret", additional_headers={"X-User": "alice"}) as client,
+    ):
+        await client.send("hello")
+        assert await client.recv() == "hello"
+        await client.send(b"\x00\x01")
+        assert await client.recv() == b"\x00\x01"
+        await client.send("boom")
+        with pytest.raises(ConnectionClosed) as info:
+            await client.recv()
+        assert info.value.rcvd is not None
+        assert info.value.rcvd.code == 1011
     return seen[0], server
 
 
@@ -204,7 +216,6 @@ async def test_normal_closes_closed_ok_and_resets_produce_no_event(
     receiver: SentryReceiver, registry: CollectorRegistry
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, registry=registry)
-    closed = Closed()
 
     async def handler(ws: ServerConnection) -> None:
         if ws.request is not None and ws.request.path == "/return":
@@ -217,22 +228,18 @@ async def test_normal_closes_closed_ok_and_resets_produce_no_event(
         while True:
             await ws.recv()
 
-    async with ws_monitoring.serve(
-        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed]
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://{HOST}:{port}/return") as client:
+    async with serving(handler, alerter, closes=4) as (_, url):
+        async with connect(f"{url}/return") as client:
             await client.send("x")
             await client.wait_closed()
-        async with connect(f"ws://{HOST}:{port}/closed-ok") as client:
+        async with connect(f"{url}/closed-ok") as client:
             await client.send("x")
-        async with connect(f"ws://{HOST}:{port}/reset") as client:
+        async with connect(f"{url}/reset") as client:
             await client.send("x")
             client.transport.abort()
-        async with connect(f"ws://{HOST}:{port}/reset-error") as client:
+        async with connect(f"{url}/reset-error") as client:
             with contextlib.suppress(ConnectionClosed):
                 await client.recv()
-        await async_wait_until(lambda: closed.count == 4, what="4 closed connections")
     events = await asyncio.to_thread(sentinel, receiver)
     assert events == []
 
@@ -287,7 +294,6 @@ async def test_events_captured_by_the_handler_are_enriched_and_scrubbed(
     receiver: SentryReceiver, registry: CollectorRegistry
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, registry=registry)
-    closed = Closed()
 
     async def handler(ws: ServerConnection) -> None:
         message = await ws.recv()
@@ -299,14 +305,9 @@ async def test_events_captured_by_the_handler_are_enriched_and_scrubbed(
             sentry_sdk.capture_exception()
         await ws.send("ok")
 
-    async with ws_monitoring.serve(
-        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed]
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://{HOST}:{port}/lobby") as client:
-            await client.send("hi")
-            assert await client.recv() == "ok"
-        await async_wait_until(lambda: closed.count == 1, what="the connection closed")
+    async with serving(handler, alerter) as (_, url), connect(f"{url}/lobby") as client:
+        await client.send("hi")
+        assert await client.recv() == "ok"
     events = await asyncio.to_thread(sentinel, receiver)
     assert len(events) == 1
     event = events[0]
@@ -435,32 +436,10 @@ def test_dsn_falls_back_to_the_environment(
     assert sentry_sdk.get_client().transport is None
 
 
-class Hanging:
-    """A TCP server that accepts connections and never reads nor answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                self.accepted.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.accepted:
-            conn.close()
-
-
 def test_capture_never_blocks_and_the_transport_queue_is_bounded(
     registry: CollectorRegistry,
 ) -> None:
-    hanging = Hanging()
+    hanging = HangingPeer()
     reset_sentry()
     try:
         alerter = SentryAlerter(
@@ -543,7 +522,6 @@ async def test_a_connection_event_that_cannot_be_scrubbed_is_not_sent(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, registry=registry)
-    closed = Closed()
 
     async def handler(ws: ServerConnection) -> None:
         privacy = privacy_of(ws)
@@ -551,18 +529,13 @@ async def test_a_connection_event_that_cannot_be_scrubbed_is_not_sent(
         sentry_sdk.capture_message("inside")
         await ws.send("done")
 
-    async with ws_monitoring.serve(
-        handler, HOST, 0, alerters=[alerter], metrics=False, sinks=[closed]
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://{HOST}:{port}/") as client:
-            assert await client.recv() == "done"
-        await async_wait_until(lambda: closed.count == 1, what="the close")
+    async with serving(handler, alerter) as (_, url), connect(f"{url}/") as client:
+        assert await client.recv() == "done"
     assert await asyncio.to_thread(sentinel, receiver) == []
     assert any("could not be scrubbed" in r.getMessage() for r in caplog.records)
 
 
-async def test_foreign_breadcrumbs_the_scrubber_cannot_read_are_left_out(
+async def test_foreign_breadcrumbs_holding_dead_weak_proxies_are_scrubbed(
     receiver: SentryReceiver, registry: CollectorRegistry
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, registry=registry)
@@ -579,20 +552,21 @@ async def test_foreign_breadcrumbs_the_scrubber_cannot_read_are_left_out(
 
     await run_and_crash(handler, alerter)
     (event,) = await asyncio.to_thread(sentinel, receiver)
-    assert [c.get("category") for c in event["breadcrumbs"]["values"]] == ["websocket.message"]
+    crumbs = {c.get("category"): c for c in event["breadcrumbs"]["values"]}
+    # The application's breadcrumb is kept; the unreadable value inside it is replaced.
+    assert crumbs["app"]["data"] == {"thing": "[weak reference]"}
+    assert crumbs["websocket.message"]["data"]["direction"] == "in"
 
 
 async def run_and_crash(handler: Any, alerter: Any, *alerters: Any, **options: Any) -> None:
-    closed = Closed()
-    async with ws_monitoring.serve(
-        handler, HOST, 0, alerters=[*alerters, alerter], metrics=False, sinks=[closed], **options
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://{HOST}:{port}/") as client:
-            await client.send("go")
-            with contextlib.suppress(ConnectionClosed):
-                await client.recv()
-        await async_wait_until(lambda: closed.count == 1, what="the close")
+    """One connection sends "go" and waits for the close; ``alerters`` come first."""
+    async with (
+        serving(handler, *alerters, alerter, **options) as (_, url),
+        connect(f"{url}/") as client,
+    ):
+        await client.send("go")
+        with contextlib.suppress(ConnectionClosed):
+            await client.recv()
 
 
 async def test_events_after_the_close_carry_the_close_code(

@@ -36,13 +36,14 @@ with a bounded queue; its self-metrics are ``ws_monitoring_alerts_total{sink, ou
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, runtime_checkable
 
 from .config import Config
 from .typing import Data, MessageSink, Sink
@@ -177,29 +178,50 @@ def alert_metrics(registry: CollectorRegistry | None = None) -> AlertMetrics:
 # -- fan-out --------------------------------------------------------------------------------
 
 
-def fire_all(
-    alerters: Iterable[Any],
-    alertname: str,
-    *,
-    severity: str,
-    summary: str,
-    description: str | None = None,
-    labels: Mapping[str, str] | None = None,
-    annotations: Mapping[str, str] | None = None,
-) -> None:
-    """``fire`` the same alert on every alerter; a failing alerter is logged, never raised."""
-    for alerter in alerters:
-        try:
-            alerter.fire(
-                alertname,
-                severity=severity,
-                summary=summary,
-                description=description,
-                labels=labels,
-                annotations=annotations,
-            )
-        except Exception:
-            logger.exception("alerter %s failed to fire %s", type(alerter).__name__, alertname)
+_P = ParamSpec("_P")
+
+
+def _fan_out(
+    method: Callable[Concatenate[Any, str, _P], None], name: str, doc: str
+) -> Callable[Concatenate[Iterable[Any], str, _P], None]:
+    """A function ``name(alerters, alertname, ...)`` that calls ``method`` on every alerter.
+
+    It takes ``method``'s own parameters, so the two never drift apart. They are checked
+    before any call (``TypeError``, as a direct call would raise) and every default is
+    passed explicitly, so each alerter gets the same call; a failing alerter is logged,
+    never raised.
+    """
+    signature = inspect.signature(method)
+    attribute = method.__name__
+
+    def fan_out(
+        alerters: Iterable[Any], alertname: str, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> None:
+        call = signature.bind(None, alertname, *args, **kwargs)
+        call.apply_defaults()
+        for alerter in alerters:
+            try:
+                getattr(alerter, attribute)(*call.args[1:], **call.kwargs)
+            except Exception:
+                logger.exception(
+                    "alerter %s failed to %s %s", type(alerter).__name__, attribute, alertname
+                )
+
+    fan_out.__name__ = fan_out.__qualname__ = name
+    fan_out.__doc__ = doc
+    return fan_out
+
+
+fire_all = _fan_out(
+    Alerter.fire,
+    "fire_all",
+    """``fire_all(alerters, alertname, *, severity, summary, ...)``: :meth:`Alerter.fire`
+    the same alert on every alerter; a failing alerter is logged, never raised.
+
+    Raises:
+        TypeError: arguments :meth:`Alerter.fire` does not accept (before any call).
+    """,
+)
 
 
 def _check_alerters(alerters: Sequence[Any]) -> tuple[Any, ...]:

@@ -11,34 +11,32 @@ import sys
 from tests.deploy import stack
 from tests.helpers.system import free_port
 
+#: The demo on a free WebSocket port, through the image's entry point.
+DEMO = (sys.executable, str(stack.DEPLOY / "demo" / "entrypoint.py"), "demo", "--port", "0")
+
+
+def run_demo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``DEMO`` plus ``args``, run from the repository root with ``env`` added to this
+    process' environment; output captured as text. Raises ``TimeoutExpired`` after 60 s."""
+    return subprocess.run(
+        [*DEMO, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=stack.ROOT,
+    )
+
 
 def test_entrypoint_runs_the_demo_with_ecs_logs() -> None:
     env = {
-        **os.environ,
         "WS_MONITORING_LOG_FORMAT": "ecs",
         "OTEL_SERVICE_NAME": "ws-demo",
         # Both configured and unreachable: the demo must run regardless.
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
         "SENTRY_DSN": f"http://public@127.0.0.1:{free_port()}/1",
     }
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(stack.DEPLOY / "demo" / "entrypoint.py"),
-            "demo",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--duration",
-            "2",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=stack.ROOT,
-    )
+    result = run_demo("--metrics-port", "0", "--duration", "2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "WebSocket server: ws://127.0.0.1:" in result.stdout
     assert "{" not in result.stdout  # no log line mixed into the banner
@@ -55,24 +53,13 @@ def test_entrypoint_reports_a_taken_port() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(stack.DEPLOY / "demo" / "entrypoint.py"),
-                "demo",
-                "--port",
-                "0",
-                "--metrics-port",
-                str(port),
-                "--duration",
-                "1",
-                "--no-clients",
-            ],
-            env={**os.environ, "WS_MONITORING_LOG_FORMAT": "text"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=stack.ROOT,
+        result = run_demo(
+            "--metrics-port",
+            str(port),
+            "--duration",
+            "1",
+            "--no-clients",
+            env={"WS_MONITORING_LOG_FORMAT": "text"},
         )
     assert result.returncode == 1
     assert "ws-monitoring demo:" in result.stderr

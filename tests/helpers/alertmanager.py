@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -20,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.system import free_port, require_binary
-
-HOST = "127.0.0.1"
+from tests.helpers.process import HOST, ManagedProcess, instance_directory
+from tests.helpers.system import require_binary
 
 #: Accept every alert and notify nobody: the tests read alerts back through the API.
 DEFAULT_CONFIG = """\
@@ -32,96 +30,31 @@ receivers:
   - name: "null"
 """
 
-#: Seconds to wait for the process to answer ``/-/ready``.
-START_TIMEOUT = 30.0
-
 
 class AlertmanagerError(RuntimeError):
     """Alertmanager did not start; the message holds the end of its log."""
 
 
-class Alertmanager:
+class Alertmanager(ManagedProcess):
     """One Alertmanager process: ``url``, ``alerts()``, ``stop()``, ``start()``."""
 
+    name = "alertmanager"
+    error = AlertmanagerError
+
     def __init__(self, binary: str, directory: Path, config_yaml: str, port: int) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = port
-        #: Base URL, without a trailing slash (``http://127.0.0.1:PORT``).
-        self.url = f"http://{HOST}:{port}"
-        self.config_path = directory / "alertmanager.yml"
+        super().__init__(binary, directory, port)
         self.config_path.write_text(config_yaml)
-        self.log_path = directory / "alertmanager.log"
-        self._process: subprocess.Popen[bytes] | None = None
 
-    # -- process ------------------------------------------------------------------------
-
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start (or restart) on the same port and wait until it is ready.
-
-        Raises:
-            AlertmanagerError: it exited or was not ready within ``timeout`` seconds.
-        """
-        if self.running:
-            return
-        log = self.log_path.open("ab")
-        try:
-            self._process = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_path}",
-                    f"--storage.path={self.directory / 'data'}",
-                    f"--web.listen-address={HOST}:{self.port}",
-                    # Empty: no HA gossip, so parallel test instances never find each other.
-                    "--cluster.listen-address=",
-                    "--log.level=info",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                raise AlertmanagerError(f"alertmanager exited early:\n{self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise AlertmanagerError(f"alertmanager not ready after {timeout}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """Stop the process (SIGTERM, then SIGKILL after 10 s). Idempotent."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def ready(self) -> bool:
-        """Whether ``GET /-/ready`` answers 200 right now."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                return bool(response.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.path={self.directory / 'data'}",
+            f"--web.listen-address={HOST}:{self.port}",
+            # Empty: no HA gossip, so parallel test instances never find each other.
+            "--cluster.listen-address=",
+            "--log.level=info",
+        ]
 
     # -- API ----------------------------------------------------------------------------
 
@@ -193,12 +126,6 @@ def running_alertmanager(
     gets its own directory under ``tmp_path`` for its config, storage and log.
     """
     binary = require_binary("prometheus-alertmanager", "prometheus-alertmanager")
-    chosen = port if port is not None else free_port(HOST)
-    directory = tmp_path / f"alertmanager-{chosen}"
-    directory.mkdir(parents=True, exist_ok=True)
-    manager = Alertmanager(binary, directory, config_yaml or DEFAULT_CONFIG, chosen)
-    try:
-        manager.start()
+    chosen, directory = instance_directory(tmp_path, "alertmanager", port)
+    with Alertmanager(binary, directory, config_yaml or DEFAULT_CONFIG, chosen) as manager:
         yield manager
-    finally:
-        manager.stop()

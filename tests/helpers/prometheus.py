@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -20,101 +19,37 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.system import free_port, require_binary
-
-HOST = "127.0.0.1"
-
-#: Seconds to wait for the process to answer ``/-/ready``.
-START_TIMEOUT = 30.0
+from tests.helpers.process import HOST, ManagedProcess, instance_directory
+from tests.helpers.system import require_binary
 
 
 class PrometheusError(RuntimeError):
     """Prometheus did not start, or its API answered an error; holds the details."""
 
 
-class Prometheus:
+class Prometheus(ManagedProcess):
     """One Prometheus process: ``url``, ``query()``, ``query_range()``, ``rules()``..."""
 
+    name = "prometheus"
+    error = PrometheusError
+    # Relative paths in the configuration (rule files, file_sd lists) resolve there.
+    run_in_directory = True
+    log_lines = 40
+
     def __init__(self, binary: str, directory: Path, port: int, args: Sequence[str]) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = port
-        #: Base URL without a trailing slash (``http://127.0.0.1:PORT``).
-        self.url = f"http://{HOST}:{port}"
-        self.config_path = directory / "prometheus.yml"
-        self.log_path = directory / "prometheus.log"
+        super().__init__(binary, directory, port)
         self.args = list(args)
-        self._process: subprocess.Popen[bytes] | None = None
 
-    # -- process ------------------------------------------------------------------------
-
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start and wait until ready.
-
-        Raises:
-            PrometheusError: it exited (a bad configuration) or was not ready in time.
-        """
-        if self.running:
-            return
-        log = self.log_path.open("ab")
-        try:
-            self._process = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_path}",
-                    f"--storage.tsdb.path={self.directory / 'data'}",
-                    f"--web.listen-address={HOST}:{self.port}",
-                    f"--web.external-url={self.url}",
-                    "--log.level=info",
-                    *self.args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.directory,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                raise PrometheusError(f"prometheus exited early:\n{self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise PrometheusError(f"prometheus not ready after {timeout}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """Stop the process (SIGTERM, then SIGKILL after 10 s). Idempotent."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def ready(self) -> bool:
-        """Whether ``GET /-/ready`` answers 200 right now."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                return bool(response.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.directory / 'data'}",
+            f"--web.listen-address={HOST}:{self.port}",
+            f"--web.external-url={self.url}",
+            "--log.level=info",
+            *self.args,
+        ]
 
     # -- API ----------------------------------------------------------------------------
 
@@ -220,17 +155,12 @@ def running_prometheus(
     missing (fails under ``CI=true``).
     """
     binary = require_binary("prometheus", "prometheus")
-    chosen = port if port is not None else free_port(HOST)
-    directory = tmp_path / f"prometheus-{chosen}"
-    directory.mkdir(parents=True, exist_ok=True)
+    chosen, directory = instance_directory(tmp_path, "prometheus", port)
     for name, content in (files or {}).items():
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     server = Prometheus(binary, directory, chosen, args)
     server.config_path.write_text(config_yaml)
-    try:
-        server.start()
+    with server:
         yield server
-    finally:
-        server.stop()
