@@ -353,3 +353,77 @@ async def test_open_timeout_counts_a_timeout(
             lambda: scrape_metrics().get("websocket_handshake_failures_total", status="timeout")
         )
     assert scrape_metrics()["websocket_handshake_duration_seconds_count"] == 1
+
+
+# -- review fixes ----------------------------------------------------------------------------
+
+
+async def test_cancelled_handler_closes_with_1011_like_a_bare_server(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    async def cancelled(ws: ServerConnection) -> None:
+        await ws.recv()
+        raise asyncio.CancelledError
+
+    codes = []
+    for monitoring in (None, {"registry": registry}):
+        async with (
+            async_server(cancelled, monitoring=monitoring) as srv,
+            connect(srv.url("/c")) as client,
+        ):
+            await client.send("go")
+            with pytest.raises(ConnectionClosedError):
+                await client.recv()
+            codes.append(client.close_code)
+    assert codes == [1011, 1011]
+    samples = await settled(scrape_metrics, 1)
+    assert samples["websocket_disconnections_total", {"route": "/c", "code": "1011"}] == 1
+    assert samples.total("websocket_errors_total", type="connection_reset") == 0
+
+
+async def test_health_path_still_accepts_websocket_connections(
+    registry: CollectorRegistry,
+) -> None:
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with async_server(echo, monitoring={"registry": registry}) as srv:
+        # Plain HTTP gets the health answer; a WebSocket upgrade on the same path opens.
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        writer.close()
+        async with connect(srv.url("/healthz")) as client:
+            await client.send("still a route")
+            assert await client.recv() == "still a route"
+
+
+async def test_basic_auth_username_is_the_pseudonymized_user(
+    registry: CollectorRegistry,
+) -> None:
+    from websockets.asyncio.server import basic_auth
+
+    seen: list[Any] = []
+
+    class UserSink:
+        def handshake_finished(self, handshake: Any) -> None: ...
+        def handler_failed(self, connection: Any, exc: BaseException) -> None: ...
+        def connection_closed(self, connection: Any) -> None: ...
+        def shutdown(self, timeout: float) -> None: ...
+        def connection_opened(self, connection: Any) -> None:
+            seen.append(connection.client.user)
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    options = {"registry": registry, "sinks": [UserSink()], "pseudonym_key": b"k" * 32}
+    auth = basic_auth(credentials=("alice", "secret"))
+    async with async_server(handler, monitoring=options, process_request=auth) as srv:
+        url = srv.url("/").replace("ws://", "ws://alice:secret@")
+        async with connect(url):
+            pass
+        await async_wait_until(lambda: seen, what="connection opened")
+    (user,) = seen
+    assert user is not None
+    assert "alice" not in user

@@ -29,6 +29,7 @@ from ws_monitoring.config import Config
 from ws_monitoring.core import ConnectionRecord, Monitor
 from ws_monitoring.privacy import (
     JOURNAL_LOGGER,
+    MAX_SCRUB_LENGTH,
     NO_CONSENT,
     PSEUDONYM_KEY_ENV,
     Consent,
@@ -801,3 +802,25 @@ def test_scrub_event_survives_a_dead_weak_proxy() -> None:
         "n": 1,
     }
     assert privacy.scrub({"x": [proxy]}) == {"x": ["[weak reference]"]}
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a-" * 8192,  # many word boundaries before a key-like suffix
+        "a" * 16000 + "@",  # a long local part that never becomes an email
+        'token="' * 2000,  # unterminated quoted values
+        "a.b" * 5000 + "://x",  # a long scheme-like run
+        "a@" * 8000,
+    ],
+    ids=["hyphens", "local-part", "quotes", "scheme", "ats"],
+)
+def test_scrub_text_stays_linear_on_hostile_input(text: str) -> None:
+    """Client-controlled text (paths, headers) is scrubbed on the event loop: these inputs
+    took seconds to minutes with backtracking regexes; the timeout guards against a hang."""
+    privacy = Privacy(Config(pseudonym_key=b"k"))
+    out = privacy.scrub_text(text * 4)
+    assert out.endswith("…[truncated]")
+    # Bounded: redaction markers may be longer than what they replace, never unbounded.
+    assert len(out) <= 3 * MAX_SCRUB_LENGTH

@@ -115,6 +115,11 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
             monitor.failed(record, exc)
             await connection.close(1011)
             raise
+        except BaseException:
+            # CancelledError and the like: websockets' ``async with connection`` closes
+            # with 1011 for these too; close first so the record sees that code.
+            await connection.close(1011)
+            raise
         else:
             # What ``async with connection`` does next in websockets' server; doing it
             # here lets the record see the final close code. Closing twice is a no-op.
@@ -195,13 +200,18 @@ def _peer(connection: Any) -> Any:
         return None
 
 
+def _is_upgrade(request: Request) -> bool:
+    """A WebSocket opening handshake: the health path then stays a WebSocket route."""
+    return "websocket" in request.headers.get("Upgrade", "").lower()
+
+
 def chain_process_request(user_hook: HTTPHook | None, health_path: str | None) -> HTTPHook | None:
     """``process_request`` answering ``health_path``, then calling the user's hook."""
     if health_path is None:
         return user_hook
 
     async def process_request(connection: Any, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0] == health_path:
+        if request.path.split("?", 1)[0] == health_path and not _is_upgrade(request):
             connection._ws_monitoring_health = True
             response: Response = connection.respond(200, "OK\n")
             return response

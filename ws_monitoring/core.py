@@ -614,7 +614,10 @@ class Monitor:
             # The threading server's socket is already closed: the client left at once.
             record.remote_address = None
         record.subprotocol = connection.subprotocol
-        record.client = self.privacy.client(record.remote_address, request)
+        # websockets' basic_auth() sets ``username`` on the connection before the handler.
+        record.client = self.privacy.client(
+            record.remote_address, request, username=getattr(connection, "username", None)
+        )
         record.handshake = handshake
         record.opened_at = _now()
         record.opened_unix = time.time()

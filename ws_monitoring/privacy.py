@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JOURNAL_LOGGER",
+    "MAX_SCRUB_LENGTH",
     "NO_CONSENT",
     "PSEUDONYM_KEY_ENV",
     "PURPOSES",
@@ -253,14 +254,18 @@ _IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
 _BEARER = re.compile(r"(?i)\b(bearer|basic|digest|token)(\s+)[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# Every repetition that can restart at many positions is bounded: scrubbing runs on
+# text a client controls, on the event loop, and must stay linear in its length.
 _SECRET_PARAM = re.compile(
-    r"(?i)\b([\w-]*(?:token|secret|passw\w*|api_?key|apikey|auth\w*|session\w*|sid|key|"
-    r"cookie|jwt|signature|code))(\s*[=:]\s*)"
-    r"(\"[^\"]*\"|'[^']*'|(?:(?:bearer|basic|digest)\s+)?[^\s&,;\"'<>]+)"
+    r"(?i)(?<![\w-])([\w-]{0,64}?(?:token|secret|passw\w{0,16}|api_?key|apikey|auth\w{0,16}|"
+    r"session\w{0,16}|sid|key|cookie|jwt|signature|code))(\s{0,8}[=:]\s{0,8})"
+    r"(\"[^\"]{0,4096}\"|'[^']{0,4096}'|(?:(?:bearer|basic|digest)\s{1,8})?[^\s&,;\"'<>]+)"
 )
 _QUERY = re.compile(r"\?[^\s\"'<>]*")
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-_EMAIL = re.compile(r"[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_USERINFO = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]{0,31}://)[^/\s@]{1,512}@")
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}")
+#: Text longer than this is cut before it is scrubbed (and emitted).
+MAX_SCRUB_LENGTH = 16384
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _MAX_DEPTH = 32
@@ -576,7 +581,10 @@ class Privacy:
     def scrub_text(self, text: str) -> str:
         """``text`` with IPs anonymized, emails pseudonymized, and query strings,
         URL credentials, bearer/basic credentials, JWTs and ``token=...``-like
-        values removed. Lone surrogates become U+FFFD."""
+        values removed. Lone surrogates become U+FFFD. Text longer than
+        :data:`MAX_SCRUB_LENGTH` characters is cut first (``…[truncated]``)."""
+        if len(text) > MAX_SCRUB_LENGTH:
+            text = text[:MAX_SCRUB_LENGTH] + "…[truncated]"
         if _SURROGATE.search(text):
             text = _SURROGATE.sub("\ufffd", text)
         if "://" in text:

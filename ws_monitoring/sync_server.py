@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from .asyncio_server import _HANDSHAKE_ATTR, RECORD_ATTR, SHUTDOWN_TIMEOUT, _finish
+from .asyncio_server import _HANDSHAKE_ATTR, RECORD_ATTR, SHUTDOWN_TIMEOUT, _finish, _is_upgrade
 from .core import ConnectionRecord, HandshakeRecord, Monitor, _now
 from .typing import Data
 
@@ -110,6 +110,11 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
             raise
         except Exception as exc:
             monitor.failed(record, exc)
+            connection.close(1011)
+            raise
+        except BaseException:
+            # KeyboardInterrupt, SystemExit: websockets' ``with connection`` closes with
+            # 1011 for these too; close first so the record sees that code.
             connection.close(1011)
             raise
         else:
@@ -198,7 +203,7 @@ def chain_process_request(
         return user_hook
 
     def process_request(connection: Any, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0] == health_path:
+        if request.path.split("?", 1)[0] == health_path and not _is_upgrade(request):
             connection._ws_monitoring_health = True
             response: Response = connection.respond(200, "OK\n")
             return response
