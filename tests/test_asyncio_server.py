@@ -427,3 +427,31 @@ async def test_basic_auth_username_is_the_pseudonymized_user(
     (user,) = seen
     assert user is not None
     assert "alice" not in user
+
+
+async def test_create_connection_wrapper_function_still_works(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    """websockets documents "a wrapper or a subclass": a function cannot be subclassed."""
+    created: list[ServerConnection] = []
+
+    def factory(*args: Any, **kwargs: Any) -> ServerConnection:
+        connection = ServerConnection(*args, **kwargs)
+        created.append(connection)
+        return connection
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    options = {"registry": registry}
+    async with (
+        async_server(echo, monitoring=options, create_connection=factory) as srv,
+        connect(srv.url("/w")) as client,
+    ):
+        await client.send("x")
+        assert await client.recv() == "x"
+    assert len(created) == 1
+    samples = await settled(scrape_metrics, 1)
+    labels = {"route": "/w", "direction": "received", "type": "text"}
+    assert samples["websocket_messages_total", labels] == 1

@@ -330,3 +330,31 @@ def test_a_connection_closed_before_its_handler_is_counted(
     assert samples["websocket_connections_total", {"route": "/gone"}] == 1
     assert samples["websocket_disconnections_total", {"route": "/gone", "code": "1000"}] == 1
     assert samples["websocket_connections_active", {"route": "/gone"}] == 0
+
+
+def test_create_connection_wrapper_function_still_works(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    """websockets documents "a wrapper or a subclass": a function cannot be subclassed."""
+    created: list[ServerConnection] = []
+
+    def factory(*args: Any, **kwargs: Any) -> ServerConnection:
+        connection = ServerConnection(*args, **kwargs)
+        created.append(connection)
+        return connection
+
+    def echo(ws: ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    options = {"registry": registry}
+    with (
+        sync_server(echo, monitoring=options, create_connection=factory) as srv,
+        connect(srv.url("/w")) as client,
+    ):
+        client.send("x")
+        assert client.recv() == "x"
+    assert len(created) == 1
+    samples = settled_sync(scrape_metrics, 1)
+    labels = {"route": "/w", "direction": "received", "type": "text"}
+    assert samples["websocket_messages_total", labels] == 1

@@ -133,6 +133,10 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
 
 def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
     """A subclass of ``base`` that times and classifies the opening handshake."""
+    if not isinstance(base, type):
+        # websockets also takes a wrapper function here; it cannot be subclassed, so
+        # that server's handshakes are not timed (its connections are still counted).
+        return base
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -149,6 +149,10 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
     opened when the handshake ends, and closed by the reader thread if the handler
     never took it over, so such a connection is counted like any other.
     """
+    if not isinstance(base, type):
+        # websockets also takes a wrapper function here; it cannot be subclassed, so
+        # that server's handshakes are not timed (its connections are still counted).
+        return base
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
         def __init__(self, sock: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
