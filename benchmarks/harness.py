@@ -32,6 +32,7 @@ __all__ = [
     "profile_window",
     "scrape_times",
     "summarize",
+    "traced_per_connection",
 ]
 
 HOST = "127.0.0.1"
@@ -221,6 +222,29 @@ async def memory_per_connection(
         },
         clients,
     )
+
+
+async def traced_per_connection(server: ServerProcess, count: int, routes: int) -> dict[str, Any]:
+    """Python heap growth per idle connection, by tracemalloc in the server.
+
+    Exact where RSS is noisy (allocator arenas), but without what the kernel and the
+    allocator add: use a fresh process, not the one RSS is read from.
+    """
+    await asyncio.to_thread(server.command, "trace_start", 120)
+    clients = await open_idle(server, count, routes)
+    try:
+        await asyncio.sleep(0.5)
+        grown = await asyncio.to_thread(server.command, "trace_stop", 120)
+    finally:
+        await close_clients(clients)
+    ours = grown["ws_monitoring_bytes"]
+    top = sorted(ours.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "connections": count,
+        "python_bytes_per_connection": grown["traced_bytes"] / count,
+        "ws_monitoring_bytes_per_connection": sum(ours.values()) / count,
+        "ws_monitoring_top": [(where, size / count) for where, size in top],
+    }
 
 
 async def one_message_each(clients: Sequence[EchoClient], size: int = 64) -> None:

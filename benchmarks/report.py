@@ -135,14 +135,24 @@ def table(results: dict[str, Any]) -> str:
     memory = results.get("memory")
     if memory:
         add("")
-        base = memory.get("bare", {}).get("bytes_per_connection")
+        bare = memory.get("bare", {})
+        add(
+            f"Memory per idle connection ({bare.get('connections', '?')} connections, 100 "
+            "routes): RSS growth, and Python heap growth (tracemalloc, another process)"
+        )
         for variant, row in memory.items():
             extra = ""
-            if base is not None and variant != "bare":
-                extra = f"  (+{row['bytes_per_connection'] - base:.0f} B vs bare; budget +1024 B)"
+            if bare and variant != "bare":
+                rss = row["bytes_per_connection"] - bare["bytes_per_connection"]
+                heap = row["python_bytes_per_connection"] - bare["python_bytes_per_connection"]
+                extra = (
+                    f"  extra vs bare: {rss:+.0f} B RSS, {heap:+.0f} B heap, "
+                    f"{row['ws_monitoring_bytes_per_connection']:.0f} B allocated by "
+                    "ws_monitoring code (budget +1024 B)"
+                )
             add(
-                f"Memory, {row['connections']} idle connections, {variant}: "
-                f"{row['bytes_per_connection']:.0f} B RSS per connection{extra}"
+                f"  {variant:9} {row['bytes_per_connection']:7.0f} B RSS "
+                f"{row['python_bytes_per_connection']:7.0f} B heap{extra}"
             )
     scrape = results.get("scrape")
     if scrape:
@@ -243,11 +253,16 @@ def chart(results: dict[str, Any], path: str) -> bool:
     for yi, (_, _, budget) in zip(y, rows, strict=True):
         if budget is not None:
             ax.plot([budget, budget], [yi - 0.4, yi + 0.4], color="black", linewidth=2)
-    for yi, m in zip(y, medians, strict=True):
-        ax.text(m, yi, f" {m:.2f}x", va="center", fontsize=8)
+    for yi, m, h in zip(y, medians, hi, strict=True):
+        ax.text((m + h) * 1.03, yi, f"{m:.2f}x", va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
     ax.set_xscale("log")
+    ticks = [1, 1.25, 1.5, 2, 3, 5, 8]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}x" for t in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlim(0.9, max([*medians, 2.0]) * 1.6)
     ax.axvline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("server CPU per message / bare server's (log; black ticks: budgets)")
     ax.set_title(

@@ -26,6 +26,7 @@ import resource
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,22 @@ async def _call(func: Callable[[], list[float]]) -> list[float]:
     return func()
 
 
+def _traced_growth(before: tracemalloc.Snapshot) -> dict[str, Any]:
+    """Python heap growth since ``before``: total, and the lines of ws_monitoring."""
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    total = 0
+    ours: dict[str, int] = {}
+    for stat in after.compare_to(before, "lineno"):
+        total += stat.size_diff
+        frame = stat.traceback[0]
+        if "ws_monitoring" in frame.filename:
+            where = f"{frame.filename.rsplit('ws_monitoring/', 1)[-1]}:{frame.lineno}"
+            ours[where] = ours.get(where, 0) + stat.size_diff
+    return {"traced_bytes": total, "ws_monitoring_bytes": ours}
+
+
 def serve_commands(
     reply: Callable[[dict[str, Any]], None], loop: asyncio.AbstractEventLoop | None, done: Any
 ) -> None:
@@ -101,6 +118,7 @@ def serve_commands(
     probe = LagProbe(loop) if loop is not None else None
     # cProfile follows the thread that enables it: the event loop's, for asyncio servers.
     profiler: cProfile.Profile | None = None
+    traced: tracemalloc.Snapshot | None = None
     for line in sys.stdin:
         command = line.strip()
         if command == "stats":
@@ -128,6 +146,14 @@ def serve_commands(
             profiler.dump_stats(command.split(" ", 1)[1])
             profiler = None
             reply({"ok": True})
+        elif command == "trace_start":
+            gc.collect()
+            tracemalloc.start(1)
+            traced = tracemalloc.take_snapshot()
+            reply({"ok": True})
+        elif command == "trace_stop" and traced is not None:
+            reply(_traced_growth(traced))
+            traced = None
         elif command == "quit":
             break
         else:
