@@ -89,6 +89,27 @@ class RouteTotals:
         if record.exemplars:
             self.exemplars.update(record.exemplars)
 
+    def add_all(self, records: list[ConnectionRecord]) -> None:
+        """:meth:`add` for many records at once: column sums in C, one list per route.
+
+        A scrape with thousands of open connections spends its time here; adding them one
+        by one would build a new list per connection.
+        """
+        self.in_text += sum([r.in_text for r in records])
+        self.in_binary += sum([r.in_binary for r in records])
+        self.out_text += sum([r.out_text for r in records])
+        self.out_binary += sum([r.out_binary for r in records])
+        self.in_bytes += sum([r.in_bytes for r in records])
+        self.out_bytes += sum([r.out_bytes for r in records])
+        self.handling_sum += sum([r.handling_sum for r in records])
+        self.rtt_sum += sum([r.rtt_sum for r in records])
+        hs = [r.h for r in records if r.h is not None]
+        if hs:
+            self.h = list(map(sum, zip(self.h, *hs, strict=True)))
+        for record in records:
+            if record.exemplars:
+                self.exemplars.update(record.exemplars)
+
     def copy(self) -> RouteTotals:
         other = RouteTotals(len(self.h))
         other.add(self)
@@ -260,13 +281,15 @@ class MetricsSink:
             hs.counts, hs.sum = list(self._handshake_duration.counts), self._handshake_duration.sum
             snap.handshake_duration = hs
         length = self.layout.length
+        by_route: dict[str, list[ConnectionRecord]] = {}
         for record in live:
-            route = record.route
-            snap.active[route] = snap.active.get(route, 0) + 1
+            by_route.setdefault(record.route, []).append(record)
+        for route, records in by_route.items():
+            snap.active[route] = len(records)
             totals = snap.routes.get(route)
             if totals is None:
                 totals = snap.routes[route] = RouteTotals(length)
-            totals.add(record)
+            totals.add_all(records)
         for route in snap.opened:
             snap.active.setdefault(route, 0)
         return snap

@@ -7,6 +7,7 @@ cannot hold up other scrapes, and nothing it does touches the WebSocket event lo
 from __future__ import annotations
 
 import base64
+import gc
 import hmac
 import os
 import socket
@@ -104,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
-                body = encoder(self.server.registry)
+                body = _without_gc(encoder, self.server.registry)
             except Exception as exc:  # a broken collector must not kill the server
                 self._send(500, f"error collecting metrics: {exc!r}\n".encode())
                 return
@@ -113,6 +114,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"Not Found\n")
 
     do_HEAD = do_GET
+
+
+def _without_gc(encoder: Any, registry: CollectorRegistry) -> bytes:
+    """``encoder(registry)`` with the cyclic GC paused.
+
+    A scrape of thousands of series allocates enough short-lived objects to trigger full
+    collections, which walk every object of the process while holding the GIL: with
+    5 000 connections that stalled the event loop for ~300 ms. Nothing a scrape
+    allocates is cyclic; reference counting frees it.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        body: bytes = encoder(registry)
+        return body
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class MetricsServer:
