@@ -310,7 +310,16 @@ class _Constant:
 class _Conn:
     """The tracing state of one connection, in ``record.context["otel"]``."""
 
-    __slots__ = ("backend", "constants", "handshake", "link", "names", "parent", "privacy")
+    __slots__ = (
+        "backend",
+        "constants",
+        "handshake",
+        "link",
+        "names",
+        "parent",
+        "privacy",
+        "quiet",
+    )
 
     def __init__(
         self,
@@ -334,6 +343,8 @@ class _Conn:
         route = record.route
         self.names = {_PROCESS: f"process {route}", _SEND: f"send {route}"}
         self.constants: dict[str, _Constant] = {}
+        #: Token of the unsampled context shared by this connection's unsampled messages.
+        self.quiet: contextvars.Token[Context] | None = None
 
     def links(self, parent: SpanContext | None) -> tuple[Link, ...]:
         """Each span links to the handshake span, unless that is its parent."""
@@ -561,6 +572,10 @@ class TracingSink:
         conn: _Conn | None = connection.context.get(_KEY)
         if conn is None:
             return
+        if conn.quiet is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                _detach(conn.quiet)
+            conn.quiet = None
         backend = conn.backend
         hs = conn.handshake
         parent_ctx = trace.set_span_in_context(NonRecordingSpan(hs), Context()) if hs else Context()
@@ -616,9 +631,21 @@ class TracingSink:
         if parent is None and bound is not None:
             # The common case, inlined: a new trace, sampled by its id's ratio test.
             trace_id = _bits(128) or 1
-            flags = _RANDOM | _SAMPLED if (trace_id & _TRACE_ID_MASK) < bound else _RANDOM
             span_id = _bits(64) or 1
             state = _DEFAULT_STATE
+            if (trace_id & _TRACE_ID_MASK) >= bound and extra is None:
+                # Not sampled (most messages): the handler's spans only need an unsampled
+                # parent, so one context per connection serves every such message; it
+                # stays attached between messages and costs nothing per message. If the
+                # message is kept anyway (slow, error), it is exported on its own.
+                if conn.quiet is None:
+                    quiet = _new_context(
+                        SpanContext, (trace_id, span_id, False, _FLAGS[_RANDOM], state, True)
+                    )
+                    current = _get_current()
+                    conn.quiet = _attach(Context({**current, _SPAN_KEY: NonRecordingSpan(quiet)}))
+                return (None, _time_ns(), trace_id, span_id, _RANDOM, None, conn, message, state)
+            flags = _RANDOM | _SAMPLED if (trace_id & _TRACE_ID_MASK) < bound else _RANDOM
         else:
             trace_id, span_id, flags, state = backend.ids(parent, conn.names[_PROCESS])
         sc = _new_context(SpanContext, (trace_id, span_id, False, _FLAGS[flags], state, True))
@@ -673,8 +700,9 @@ class TracingSink:
         )
         # ValueError/RuntimeError: handling ended in another task or thread than it
         # started in; there is nothing to restore there.
-        with contextlib.suppress(ValueError, RuntimeError):
-            _detach(ctx_token)
+        if ctx_token is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                _detach(ctx_token)
         if not flags & _SAMPLED:
             slow = self._slow
             if error is None and (slow is None or duration < slow):

@@ -376,7 +376,9 @@ def test_route_variable_is_escaped_like_grafana(run: Run) -> None:
     assert r'route=~"/chat/\\{room\\}"' in expr
     (series,) = run.prometheus.query(expr)
     assert series["metric"]["route"] == "/chat/{room}"
-    assert float(series["value"][1]) == 1.0  # the long-lived chat listener
+    # The long-lived chat listener, plus whichever short chat sessions of the traffic
+    # generator are open at that instant.
+    assert float(series["value"][1]) >= 1.0
 
 
 def test_exemplars_carry_trace_ids_for_jaeger(run: Run) -> None:
