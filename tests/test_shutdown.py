@@ -9,27 +9,15 @@ from websockets.asyncio.client import connect
 from websockets.sync.client import connect as sync_connect
 
 import ws_monitoring
-from ws_monitoring.core import ConnectionRecord, HandshakeRecord
+from tests.helpers.leak import ClosedCounter
 
 
-class FlushRecorder:
-    """A sink that records its shutdown calls (and from which thread)."""
+class FlushRecorder(ClosedCounter):
+    """A sink that also records its shutdown calls (and from which thread)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.shutdowns: list[tuple[float, str]] = []
-        self.closed = 0
-
-    def handshake_finished(self, handshake: HandshakeRecord) -> None:
-        pass
-
-    def connection_opened(self, connection: ConnectionRecord) -> None:
-        pass
-
-    def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None:
-        pass
-
-    def connection_closed(self, connection: ConnectionRecord) -> None:
-        self.closed += 1
 
     def shutdown(self, timeout: float) -> None:
         self.shutdowns.append((timeout, threading.current_thread().name))

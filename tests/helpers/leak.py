@@ -148,7 +148,7 @@ def assert_no_markers(text: str, markers: Iterable[str], where: str = "") -> Non
     assert not found, f"raw markers leaked{' into ' + where if where else ''}:\n" + "\n".join(found)
 
 
-class _Counter:
+class ClosedCounter:
     """A real sink that counts closed connections, so the scenario waits on a condition."""
 
     def __init__(self) -> None:
@@ -191,7 +191,7 @@ async def run_leak_scenario(
     """Run the scenario once (see the module docstring)."""
     purposes = frozenset(consent)
     query = f"?token={markers.query_token}&user={markers.user}"
-    counter = _Counter()
+    counter = ClosedCounter()
 
     async def handler(ws: ServerConnection) -> None:
         if purposes and consent_via == "grant":
