@@ -162,6 +162,20 @@ def test_protocols_are_runtime_checkable() -> None:
     assert len(monitor.message_sinks) == 1
 
 
+def test_sinks_can_opt_out_of_sent_messages() -> None:
+    quiet = Recorder("quiet")
+    quiet.wants_sent_messages = False  # type: ignore[attr-defined]
+    loud = Recorder("loud")
+    monitor = make_monitor([quiet, loud])
+    assert monitor.message_sinks == (quiet, loud)
+    assert monitor.send_sinks == (loud,)
+    conn = conn_with_request()
+    monitor.open(conn)
+    conn.protocol.send_text(b"world")
+    assert [e for e in loud.events if e[0] == "message_sent"] == [("message_sent", False, 5)]
+    assert [e for e in quiet.events if e[0] == "message_sent"] == []
+
+
 def test_histogram_layout_offsets() -> None:
     config = Config(size_buckets=(1, 2), duration_buckets=(1, 2, 3), rtt_buckets=(1,))
     layout = HistogramLayout(config)

@@ -355,7 +355,7 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
     off_out = monitor.layout.size_out
     off_rtt = monitor.layout.rtt
     rtt_bounds = monitor.rtt_bounds
-    message_sinks = monitor.message_sinks
+    send_sinks = monitor.send_sinks
 
     class FrameCounter:
         """Counts one connection's frames into its record (a websockets extension)."""
@@ -461,8 +461,8 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
                 record.out_text += 1
             record.out_bytes += size
             h[off_out + (table[size] if size < n_table else bisect_left(size_bounds, size))] += 1
-            if message_sinks:
-                for sink in message_sinks:
+            if send_sinks:
+                for sink in send_sinks:
                     try:
                         sink.message_sent(record, binary, size)
                     except Exception:
@@ -524,6 +524,10 @@ class Monitor:
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.message_sinks: tuple[MessageSink, ...] = tuple(
             s for s in sinks if isinstance(s, MessageSink)
+        )
+        # A call per sent message is not free: only sinks that use message_sent get it.
+        self.send_sinks: tuple[MessageSink, ...] = tuple(
+            s for s in self.message_sinks if getattr(s, "wants_sent_messages", True)
         )
         self.layout = HistogramLayout(config)
         self.size_bounds = config.size_buckets

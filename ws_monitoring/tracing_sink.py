@@ -475,6 +475,8 @@ class TracingSink:
         self._slow = config.trace_slow_threshold
         self._in_connection_trace = config.trace_messages_in_connection_trace
         self._send = config.trace_sent_messages
+        #: Read by the core: without send spans, sent messages need no call here.
+        self.wants_sent_messages = self._send
         self._from_message = config.context_from_message
         self._stats = TracingCollector.for_registry(config.registry)
         self._backend: _Backend | None = None

@@ -68,4 +68,7 @@ class MessageSink(Sink, Protocol):
         """
 
     def message_sent(self, connection: ConnectionRecord, binary: bool, size: int) -> None:
-        """A complete message of ``size`` payload bytes was written to the connection."""
+        """A complete message of ``size`` payload bytes was written to the connection.
+
+        A sink with an attribute ``wants_sent_messages = False`` is not called at all.
+        """
