@@ -151,6 +151,20 @@ def streaming(seen: list[Any]) -> Handler:
     return Handler(aio, sync)
 
 
+def common_view(ws: Any, server: Any, port: int) -> dict[str, Any]:
+    """What a handler sees of its connection, the same way in both APIs."""
+    return {
+        "in server.connections": any(c is ws for c in server.connections),
+        "path": ws.request.path if ws.request else None,
+        "response": ws.response.status_code if ws.response else None,
+        "remote": ws.remote_address == ("127.0.0.1", port),
+        "id": isinstance(ws.id, uuid.UUID),
+        "subprotocol": ws.subprotocol,
+        "state": ws.state.name,
+        "close_code before close": ws.close_code,
+    }
+
+
 def introspect(seen: list[Any]) -> Handler:
     """Records the handler's view of its connection (made comparable across runs)."""
 
@@ -162,14 +176,7 @@ def introspect(seen: list[Any]) -> Handler:
         seen.append(
             {
                 "is ServerConnection": isinstance(ws, ServerConnection),
-                "in server.connections": any(c is ws for c in server.connections),
-                "path": ws.request.path if ws.request else None,
-                "response": ws.response.status_code if ws.response else None,
-                "remote": ws.remote_address == ("127.0.0.1", port),
-                "id": isinstance(ws.id, uuid.UUID),
-                "subprotocol": ws.subprotocol,
-                "state": ws.state.name,
-                "close_code before close": ws.close_code,
+                **common_view(ws, server, port),
                 "ping returns": type(pong_waiter).__name__,
                 "pong gives": type(latency).__name__,
                 # Last: the client leaves once it has this message.
@@ -184,14 +191,7 @@ def introspect(seen: list[Any]) -> Handler:
         seen.append(
             {
                 "is ServerConnection": isinstance(ws, SyncServerConnection),
-                "in server.connections": any(c is ws for c in server.connections),
-                "path": ws.request.path if ws.request else None,
-                "response": ws.response.status_code if ws.response else None,
-                "remote": ws.remote_address == ("127.0.0.1", port),
-                "id": isinstance(ws.id, uuid.UUID),
-                "subprotocol": ws.subprotocol,
-                "state": ws.state.name,
-                "close_code before close": ws.close_code,
+                **common_view(ws, server, port),
                 "ping returns": type(event).__name__,
                 "pong gives": event.wait(10),
                 # Last: the client leaves once it has this message.

@@ -74,9 +74,6 @@ logger = logging.getLogger("ws_monitoring.alerting")
 #: Values of the ``outcome`` label of ``ws_monitoring_alerts_total``.
 OUTCOMES = ("sent", "failed", "retried", "dropped")
 
-#: Severities understood everywhere (others are passed through to Alertmanager).
-SEVERITIES = ("critical", "error", "warning", "info")
-
 
 @runtime_checkable
 class Alerter(Protocol):

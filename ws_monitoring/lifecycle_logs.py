@@ -180,13 +180,11 @@ class MessageLogSink(LifecycleLogSink):
 
 
 def _handshake_client_ip(handshake: HandshakeRecord) -> str | None:
-    # HandshakeRecord.monitor/remote_address exist once the core provides them.
-    monitor = getattr(handshake, "monitor", None)
-    remote_address = getattr(handshake, "remote_address", None)
-    if monitor is None or remote_address is None:
+    if handshake.remote_address is None:
         return None
-    ip = monitor.privacy.client_ip(remote_address, handshake.request)
-    return None if ip is None else str(monitor.privacy.anonymize_ip(ip))
+    privacy = handshake.monitor.privacy
+    ip = privacy.client_ip(handshake.remote_address, handshake.request)
+    return None if ip is None else str(privacy.anonymize_ip(ip))
 
 
 def build_sink(config: Config) -> Sink | None:

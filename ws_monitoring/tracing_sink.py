@@ -480,9 +480,6 @@ class TracingSink:
         self._from_message = config.context_from_message
         self._stats = TracingCollector.for_registry(config.registry)
         self._backend: _Backend | None = None
-        # A HandshakeRecord does not lead to its server's Privacy; this one applies the
-        # same configuration (pseudonym keys are per process or configured).
-        self._privacy = Privacy(config)
 
     def _bind(self) -> _Backend | None:
         backend = self._backend
@@ -546,7 +543,8 @@ class TracingSink:
             attrs["error.type"] = str(handshake.status)
         elif handshake.outcome == "failed":
             attrs["error.type"] = handshake.failure or "error"
-        attrs = self._privacy.scrub(attrs)
+        # The server's own privacy layer: same key, so the same pseudonyms as its logs.
+        attrs = handshake.monitor.privacy.scrub(attrs)
         # The Host header names this server, not the client: kept when well-formed.
         if request is not None:
             hosts = request.headers.get_all("Host")
