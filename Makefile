@@ -10,8 +10,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q -e '.[dev,bench]'
+# The C speedups are optional for users; here a failed build is an error.
+$(STAMP): $(PY) pyproject.toml setup.py ws_monitoring/_speedups.c
+	WS_MONITORING_REQUIRE_SPEEDUPS=1 $(PY) -m pip install -q -e '.[dev,bench]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 venv: $(STAMP)
@@ -29,7 +30,7 @@ lint: $(STAMP)
 
 test: $(STAMP) system-deps lint
 	rm -f .coverage .coverage.*
-	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml $(VENV)/bin/coverage run -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	WS_MONITORING_REQUIRE_SPEEDUPS=1 COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml $(VENV)/bin/coverage run -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 	$(PY) -m benchmarks --quick
@@ -38,4 +39,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache
+	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache build ws_monitoring/_speedups*.so

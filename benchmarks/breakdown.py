@@ -106,7 +106,7 @@ def breakdown(quick: bool = False) -> dict[str, Any]:
     """Nanoseconds per call of each hot-path piece, bare and instrumented (metrics only)."""
     from prometheus_client import CollectorRegistry
 
-    from ws_monitoring.asyncio_server import _install_recv_hooks
+    from ws_monitoring.asyncio_server import _RecvHooks
     from ws_monitoring.config import Config
     from ws_monitoring.instrument import build_monitor
 
@@ -121,7 +121,7 @@ def breakdown(quick: bool = False) -> dict[str, Any]:
     connection = _Connection(protocol, request)
     record = monitor.open(connection)
     bare_connection = _Connection(*_open_protocol())
-    _install_recv_hooks(connection, record)  # type: ignore[arg-type]
+    _RecvHooks.install(connection, record)
 
     results: dict[str, Any] = {}
     for name, bare, hooked in (

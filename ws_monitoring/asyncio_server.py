@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -37,44 +36,63 @@ _HANDSHAKE_ATTR = "_ws_monitoring_handshake"
 SHUTDOWN_TIMEOUT = 5.0
 
 
-class RecvHooksBase:
-    """``recv``/``recv_streaming`` of one connection, timing how long each message is handled.
+#: Where a connection's original ``recv``/``recv_streaming`` are found by ``TimedRecv``.
+_RECV_ATTR = "_ws_monitoring_recv"
+_RECV_STREAMING_ATTR = "_ws_monitoring_recv_streaming"
+#: True on connection classes whose ``recv`` methods are ``TimedRecv``'s.
+_TIMED_ATTR = "_ws_monitoring_timed"
 
-    Bound methods of one small object rather than two closures: about 350 bytes less per
-    connection for the same cost per call. Subclassed by each adapter for its API.
+
+class RecvHooksBase:
+    """Per-connection hooks for a connection whose class ``serve`` did not make.
+
+    A handler wrapped by ``instrument()`` and run by a plain websockets server gets its
+    connection's ``recv``/``recv_streaming`` shadowed by bound methods of this small
+    object (the mixin's, bound to it): about 350 bytes per connection and three new keys
+    in the connection's ``__dict__``. Connections made by ``serve`` need none of this.
     """
 
-    __slots__ = ("message_sinks", "orig_recv", "orig_recv_streaming", "record")
+    __slots__ = (RECORD_ATTR, _RECV_ATTR, _RECV_STREAMING_ATTR)
 
     def __init__(self, connection: Any, record: ConnectionRecord) -> None:
-        self.record = record
-        self.orig_recv = connection.recv
-        self.orig_recv_streaming = connection.recv_streaming
-        self.message_sinks = record.monitor.message_sinks
+        setattr(self, RECORD_ATTR, record)
+        setattr(self, _RECV_ATTR, connection.recv)
+        setattr(self, _RECV_STREAMING_ATTR, connection.recv_streaming)
+
+    @classmethod
+    def install(cls, connection: Any, record: ConnectionRecord) -> None:
+        hooks: Any = cls(connection, record)
+        # ``async for message in connection`` calls ``self.recv()``: it picks this up too.
+        connection.recv = hooks.recv
+        connection.recv_streaming = hooks.recv_streaming
 
 
-class _RecvHooks(RecvHooksBase):
+class TimedRecv:
+    """``recv``/``recv_streaming`` timing how long each message is handled.
+
+    The methods of the connection class ``serve`` makes, where they cost nothing per
+    connection; or of :class:`_RecvHooks`. Either provides ``_ws_monitoring_record``
+    and, under ``_ws_monitoring_recv(_streaming)``, websockets' own methods.
+    """
+
     __slots__ = ()
+    _ws_monitoring_record: ConnectionRecord
+    _ws_monitoring_recv: Callable[..., Awaitable[Data]]
+    _ws_monitoring_recv_streaming: Callable[..., AsyncIterator[Data]]
 
     async def recv(self, decode: bool | None = None) -> Data:
-        record = self.record
+        record = self._ws_monitoring_record
         start = record.handling_start
         if start:
-            h = record.h
-            if h is not None and record.tokens is None and record.exemplar_trace_id is None:
+            if record.tokens is None and record.exemplar_trace_id is None:
                 # ``record.message_done()`` when it has nothing but the histogram to do,
                 # inlined: this runs once per message, and a call costs a tenth of it.
-                duration = _now() - start
                 record.handling_start = 0.0
-                monitor = record.monitor
-                bounds = monitor.duration_bounds
-                bucket = 0 if duration <= bounds[0] else bisect_left(bounds, duration)
-                h[monitor.layout.duration + bucket] += 1
-                record.handling_sum += duration
+                record.add_duration(_now() - start)
             else:
                 record.message_done()
-        message: Data = await self.orig_recv(decode)
-        if self.message_sinks:
+        message: Data = await self._ws_monitoring_recv(decode)
+        if record.monitor.message_sinks:
             record.message_handed(message)
         else:
             # All ``message_handed`` does without message sinks, minus a call per message.
@@ -82,22 +100,19 @@ class _RecvHooks(RecvHooksBase):
         return message
 
     async def recv_streaming(self, decode: bool | None = None) -> AsyncIterator[Data]:
-        record = self.record
+        record = self._ws_monitoring_record
         if record.handling_start:
             record.message_done()
         first = True
-        async for fragment in self.orig_recv_streaming(decode):
+        async for fragment in self._ws_monitoring_recv_streaming(decode):
             if first:
                 first = False
                 record.message_handed(fragment)
             yield fragment
 
 
-def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
-    hooks = _RecvHooks(connection, record)
-    # ``async for message in connection`` calls ``self.recv()``: it picks this up too.
-    connection.recv = hooks.recv  # type: ignore[method-assign, assignment]
-    connection.recv_streaming = hooks.recv_streaming  # type: ignore[method-assign, assignment]
+class _RecvHooks(TimedRecv, RecvHooksBase):
+    __slots__ = ()
 
 
 def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
@@ -107,7 +122,8 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
     async def instrumented(connection: ServerConnection) -> None:
         record = monitor.open(connection, handshake=getattr(connection, _HANDSHAKE_ATTR, None))
         setattr(connection, RECORD_ATTR, record)
-        _install_recv_hooks(connection, record)
+        if not getattr(connection, _TIMED_ATTR, False):  # not a class made by serve()
+            _RecvHooks.install(connection, record)
         try:
             await handler(connection)
         except ConnectionClosed:
@@ -143,6 +159,14 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
         return base
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
+        __slots__ = (RECORD_ATTR,)
+        # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
+        recv = TimedRecv.recv
+        recv_streaming = TimedRecv.recv_streaming
+        _ws_monitoring_timed = True
+        _ws_monitoring_recv = base.recv
+        _ws_monitoring_recv_streaming = base.recv_streaming
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             setattr(self, _HANDSHAKE_ATTR, monitor.handshake_started())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -68,15 +69,108 @@ class HistogramLayout:
     small. Counts are per bucket (not cumulative); the last bucket of each is +Inf.
     """
 
-    __slots__ = ("duration", "length", "rtt", "size_in", "size_out")
+    __slots__ = (
+        "duration",
+        "duration_bounds",
+        "length",
+        "rtt",
+        "rtt_bounds",
+        "size_bounds",
+        "size_in",
+        "size_out",
+    )
 
     def __init__(self, config: Config) -> None:
+        self.size_bounds = config.size_buckets
+        self.duration_bounds = config.duration_buckets
+        self.rtt_bounds = config.rtt_buckets
         n_size = len(config.size_buckets) + 1
         self.size_in = 0
         self.size_out = n_size
         self.duration = 2 * n_size
         self.rtt = self.duration + len(config.duration_buckets) + 1
         self.length = self.rtt + len(config.rtt_buckets) + 1
+
+
+class _Counts:
+    """One connection's counters, in Python: the fallback of ``_speedups.Counts``.
+
+    Both implementations have the same contract: counts of whole messages and payload
+    bytes, sums in seconds, ``h`` the per-bucket counts laid out by
+    :class:`HistogramLayout` (``None`` before the first count; read-only for sinks).
+    """
+
+    __slots__ = (
+        "_layout",
+        "h",
+        "handling_sum",
+        "in_binary",
+        "in_bytes",
+        "in_op",  # in_op, in_size, out_op, out_size: the Python frame counter's
+        "in_size",  # state of a fragmented message.
+        "in_text",
+        "out_binary",
+        "out_bytes",
+        "out_op",
+        "out_size",
+        "out_text",
+        "rtt_sum",
+    )
+
+    def __init__(self, layout: HistogramLayout) -> None:
+        self._layout = layout
+        self.in_text = self.in_binary = self.out_text = self.out_binary = 0
+        self.in_bytes = self.out_bytes = 0
+        self.handling_sum = self.rtt_sum = 0.0
+        self.h: list[int] | None = None
+        self.in_op: Opcode = _TEXT
+        self.in_size = 0
+        self.out_op: Opcode = _TEXT
+        self.out_size = 0
+
+    def add_duration(self, duration: float) -> int:
+        """Count one message's handling time (seconds); returns its bucket's index."""
+        layout = self._layout
+        h = self.h
+        if h is None:
+            h = self.h = [0] * layout.length
+        bounds = layout.duration_bounds
+        # Most messages are handled within the first bucket: no search for them.
+        bucket = 0 if duration <= bounds[0] else bisect_left(bounds, duration)
+        h[layout.duration + bucket] += 1
+        self.handling_sum += duration
+        return bucket
+
+    def add_rtt(self, rtt: float) -> None:
+        """Count one ping's round-trip time (seconds)."""
+        layout = self._layout
+        h = self.h
+        if h is None:
+            h = self.h = [0] * layout.length
+        h[layout.rtt + bisect_left(layout.rtt_bounds, rtt)] += 1
+        self.rtt_sum += rtt
+
+
+def _load_speedups() -> Any:
+    """``ws_monitoring._speedups``, or None: not compiled, or WS_MONITORING_NO_SPEEDUPS set."""
+    if os.environ.get("WS_MONITORING_NO_SPEEDUPS"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:  # not compiled (no C compiler where it was installed)
+        if os.environ.get("WS_MONITORING_REQUIRE_SPEEDUPS"):
+            raise
+        return None
+    return _speedups
+
+
+_speedups = _load_speedups()
+#: True when the C frame counter (``ws_monitoring._speedups``) is in use.
+SPEEDUPS = _speedups is not None
+if TYPE_CHECKING:
+    _CountsBase = _Counts
+else:
+    _CountsBase = _speedups.Counts if SPEEDUPS else _Counts
 
 
 class HandshakeRecord:
@@ -126,13 +220,19 @@ class HandshakeRecord:
         self.context: dict[str, Any] = {}
 
 
-class ConnectionRecord:
+class ConnectionRecord(_CountsBase):
     """Everything the core knows about one open connection.
 
     Raw client data (``request``, ``remote_address``, ``close_reason``) must not be
-    emitted by a sink: ``client`` is the privacy-safe view. Counters are exact for the
+    emitted by a sink: ``client`` is the privacy-safe view. Counters (``in_text``,
+    ``in_binary``, ``out_text``, ``out_binary``, ``in_bytes``, ``out_bytes``,
+    ``handling_sum``, ``rtt_sum`` and the histogram buckets ``h``) are exact for the
     connection's life; sizes are payload bytes (UTF-8 for text, before compression).
+    With the C speedups, the record itself counts frames (see ``_install_frame_hooks``).
     """
+
+    #: Shown in ``protocol.extensions`` when the record counts frames; never negotiated.
+    name = "ws-monitoring-frame-counter"
 
     __slots__ = (
         "__weakref__",
@@ -146,31 +246,18 @@ class ConnectionRecord:
         "error_type",
         "exemplar_trace_id",
         "exemplars",
-        "h",
         "handling_start",
-        "handling_sum",
         "handshake",
         "id",
-        "in_binary",
-        "in_bytes",
-        "in_op",
-        "in_size",
-        "in_text",
         "monitor",
         "opened_at",
         "opened_unix",
-        "out_binary",
-        "out_bytes",
-        "out_op",
-        "out_size",
-        "out_text",
         "path",
         "ping_data",
         "ping_sent_at",
         "remote_address",
         "request",
         "route",
-        "rtt_sum",
         "subprotocol",
         "tokens",
     )
@@ -178,6 +265,7 @@ class ConnectionRecord:
     def __init__(self, monitor: Monitor) -> None:
         # Identity fields are filled in by Monitor.open() once the handshake is done;
         # counting may start earlier (see Monitor.prepare()).
+        super().__init__(monitor.counts_layout)
         self.monitor = monitor
         self.connection: Any = None
         self.id = ""
@@ -191,14 +279,6 @@ class ConnectionRecord:
         self.opened_at = _now()
         self.opened_unix = time.time()
         self.closed_at = 0.0
-        self.in_text = self.in_binary = self.out_text = self.out_binary = 0
-        self.in_bytes = self.out_bytes = 0
-        self.handling_sum = self.rtt_sum = 0.0
-        self.h: list[int] | None = None
-        self.in_op: Opcode = _TEXT
-        self.in_size = 0
-        self.out_op: Opcode = _TEXT
-        self.out_size = 0
         self.ping_data: bytes | None = None
         self.ping_sent_at = 0.0
         self.handling_start = 0.0
@@ -214,6 +294,10 @@ class ConnectionRecord:
         self.error_type: str | None = None
         self.context: dict[str, Any] = {}
 
+    def __repr__(self) -> str:
+        # Also what ``protocol.extensions`` shows with the C counter: no client data.
+        return f"<ws_monitoring connection record {self.id or '(opening)'}>"
+
     # -- read-only views for sinks ----------------------------------------------------
 
     @property
@@ -228,6 +312,25 @@ class ConnectionRecord:
     def age(self) -> float:
         """Seconds since the connection opened (until it closed, once closed)."""
         return (self.closed_at or _now()) - self.opened_at
+
+    # -- rare frames, from either frame counter ------------------------------------------
+
+    def _ping(self, frame: Frame) -> None:
+        # Keepalive and user pings: the matching pong gives the round-trip time.
+        self.ping_data = bytes(frame.data)
+        self.ping_sent_at = _now()
+
+    def _pong(self, frame: Frame) -> None:
+        if self.ping_data is not None and frame.data == self.ping_data:
+            self.ping_data = None
+            self.add_rtt(_now() - self.ping_sent_at)
+
+    def _close_frame(self, frame: Frame) -> None:
+        # The code the peer sent, kept even when websockets rejects the frame (an
+        # invalid code, a reason that is not UTF-8) and reports 1006; 0 when it is too
+        # short to hold one. A close frame it accepts wins (Monitor.closed).
+        data = frame.data
+        self.close_code = int.from_bytes(data[:2], "big") if len(data) > 1 else 0
 
     # -- events from adapters -----------------------------------------------------------
 
@@ -261,14 +364,7 @@ class ConnectionRecord:
                     sink.message_finished(self, token, duration, error)
                 except Exception:
                     _sink_failed(sink, "message_finished")
-        h = self.h
-        if h is None:
-            h = self.h = [0] * monitor.layout.length
-        bounds = monitor.duration_bounds
-        # Most messages are handled within the first bucket: no search for them.
-        bucket = 0 if duration <= bounds[0] else bisect_left(bounds, duration)
-        h[monitor.layout.duration + bucket] += 1
-        self.handling_sum += duration
+        bucket = self.add_duration(duration)
         trace_id = self.exemplar_trace_id
         if trace_id is not None:
             # Set by a tracing sink for a kept span: the metrics exemplar for this bucket.
@@ -339,23 +435,28 @@ def _install_frame_hooks(protocol: Protocol, record: ConnectionRecord, monitor: 
     protocol.process_extensions = process_extensions  # type: ignore[attr-defined]
 
 
-def _frame_counter_class(monitor: Monitor) -> type[Any]:
-    """The class of ``monitor``'s frame counters: one per connection, constants shared.
+def _record_itself(record: ConnectionRecord) -> ConnectionRecord:
+    """The C frame counter: the record (a ``_speedups.Counts``) counts its own frames."""
+    return record
 
-    A counter implements websockets' ``Extension`` interface (``name``, ``decode``,
-    ``encode``). Received frames websockets will reject right after ``decode`` are not
-    counted: reserved bits no extension cleared (``Frame.check``), a new message inside
-    a fragmented one or a continuation outside one (``recv_frame``), oversized or
-    fragmented control frames. Frames that exceed ``max_size`` never reach it.
+
+def _frame_counter_class(monitor: Monitor) -> type[Any]:
+    """The pure-Python frame counters of ``monitor`` (without ``_speedups``).
+
+    One per connection, constants shared; ``_speedups.c`` implements the same rules,
+    and the suite runs against both. A counter implements websockets' ``Extension``
+    interface (``name``, ``decode``, ``encode``). Received frames websockets will
+    reject right after ``decode`` are not counted: reserved bits no extension cleared
+    (``Frame.check``), a new message inside a fragmented one or a continuation outside
+    one (``recv_frame``), oversized or fragmented control frames. Frames that exceed
+    ``max_size`` never reach it.
     """
     size_bounds = monitor.size_bounds
     table = _size_table(size_bounds)
     n_table = len(table)
     length = monitor.layout.length
     off_out = monitor.layout.size_out
-    off_rtt = monitor.layout.rtt
-    rtt_bounds = monitor.rtt_bounds
-    send_sinks = monitor.send_sinks
+    on_sent = monitor.on_sent
 
     class FrameCounter:
         """Counts one connection's frames into its record (a websockets extension)."""
@@ -394,27 +495,15 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
                     return frame
                 self.fragmented = False
                 op = record.in_op
+            elif op is not _PONG and op is not _CLOSE:
+                return frame
             elif frame.rsv1 or frame.rsv2 or frame.rsv3 or not frame.fin or len(frame.data) > 125:
                 return frame  # a control frame websockets rejects
             elif op is _PONG:
-                record = self.record
-                if record.ping_data is not None and frame.data == record.ping_data:
-                    rtt = _now() - record.ping_sent_at
-                    record.ping_data = None
-                    h = record.h
-                    if h is None:
-                        h = record.h = [0] * length
-                    h[off_rtt + bisect_left(rtt_bounds, rtt)] += 1
-                    record.rtt_sum += rtt
-                return frame
-            elif op is _CLOSE:
-                # The code the peer sent, kept even when websockets rejects the frame (an
-                # invalid code, a reason that is not UTF-8) and reports 1006; 0 when it
-                # is too short to hold one. A close frame it accepts wins (Monitor.closed).
-                data = frame.data
-                self.record.close_code = int.from_bytes(data[:2], "big") if len(data) > 1 else 0
+                self.record._pong(frame)
                 return frame
             else:
+                self.record._close_frame(frame)
                 return frame
             h = record.h
             if h is None:
@@ -444,10 +533,7 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
                     return frame
                 op = record.out_op
             elif op is _PING:
-                # Keepalive and user pings: the matching pong gives the round-trip time.
-                record = self.record
-                record.ping_data = bytes(frame.data)
-                record.ping_sent_at = _now()
+                self.record._ping(frame)
                 return frame
             else:
                 return frame
@@ -461,12 +547,8 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
                 record.out_text += 1
             record.out_bytes += size
             h[off_out + (table[size] if size < n_table else bisect_left(size_bounds, size))] += 1
-            if send_sinks:
-                for sink in send_sinks:
-                    try:
-                        sink.message_sent(record, binary, size)
-                    except Exception:
-                        _sink_failed(sink, "message_sent")
+            if on_sent is not None:
+                on_sent(record, binary, size)
             return frame
 
     return FrameCounter
@@ -532,11 +614,30 @@ class Monitor:
         self.layout = HistogramLayout(config)
         self.size_bounds = config.size_buckets
         self.duration_bounds = config.duration_buckets
-        self.rtt_bounds = config.rtt_buckets
+        #: Called by the frame counters for each sent message, when a sink wants it.
+        self.on_sent: Callable[[ConnectionRecord, bool, int], None] | None = (
+            self._message_sent if self.send_sinks else None
+        )
         # Records must stay cheap to track: the connection holds the record, not the reverse.
         self.count_frames = config.metrics or bool(self.message_sinks)
         #: Makes the per-connection frame counter (see ``_install_frame_hooks``).
-        self.frame_counter: Callable[[ConnectionRecord], Any] = _frame_counter_class(self)
+        self.frame_counter: Callable[[ConnectionRecord], Any]
+        #: What each record's counters are laid out by (``_speedups.Layout`` in C).
+        self.counts_layout: Any
+        if SPEEDUPS:
+            table = _size_table(self.size_bounds)
+            self.counts_layout = _speedups.Layout(self.layout, table, self.on_sent)
+            self.frame_counter = _record_itself
+        else:
+            self.counts_layout = self.layout
+            self.frame_counter = _frame_counter_class(self)
+
+    def _message_sent(self, record: ConnectionRecord, binary: bool, size: int) -> None:
+        for sink in self.send_sinks:
+            try:
+                sink.message_sent(record, binary, size)
+            except Exception:
+                _sink_failed(sink, "message_sent")
 
     # -- dispatch ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from websockets.sync.server import serve as ws_serve
 
 from .asyncio_server import (
     _HANDSHAKE_ATTR,
+    _TIMED_ATTR,
     RECORD_ATTR,
     SHUTDOWN_TIMEOUT,
     RecvHooksBase,
@@ -44,15 +45,20 @@ _PREPARED_ATTR = "_ws_monitoring_prepared"
 SyncHTTPHook = Callable[..., Response | None]
 
 
-class _RecvHooks(RecvHooksBase):
+class TimedRecv:
+    """The threading server's :class:`~ws_monitoring.asyncio_server.TimedRecv`."""
+
     __slots__ = ()
+    _ws_monitoring_record: ConnectionRecord
+    _ws_monitoring_recv: Callable[..., Data]
+    _ws_monitoring_recv_streaming: Callable[..., Iterator[Data]]
 
     def recv(self, timeout: float | None = None, decode: bool | None = None) -> Data:
-        record = self.record
+        record = self._ws_monitoring_record
         if record.handling_start:
             record.message_done()
-        message: Data = self.orig_recv(timeout, decode)
-        if self.message_sinks:
+        message: Data = self._ws_monitoring_recv(timeout, decode)
+        if record.monitor.message_sinks:
             record.message_handed(message)
         else:
             # All ``message_handed`` does without message sinks, minus a call per message.
@@ -60,22 +66,19 @@ class _RecvHooks(RecvHooksBase):
         return message
 
     def recv_streaming(self, decode: bool | None = None) -> Iterator[Data]:
-        record = self.record
+        record = self._ws_monitoring_record
         if record.handling_start:
             record.message_done()
         first = True
-        for fragment in self.orig_recv_streaming(decode):
+        for fragment in self._ws_monitoring_recv_streaming(decode):
             if first:
                 first = False
                 record.message_handed(fragment)
             yield fragment
 
 
-def _install_recv_hooks(connection: ServerConnection, record: ConnectionRecord) -> None:
-    hooks = _RecvHooks(connection, record)
-    # ``for message in connection`` calls ``self.recv()``: it picks this up too.
-    connection.recv = hooks.recv  # type: ignore[method-assign, assignment]
-    connection.recv_streaming = hooks.recv_streaming  # type: ignore[method-assign, assignment]
+class _RecvHooks(TimedRecv, RecvHooksBase):
+    __slots__ = ()
 
 
 def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
@@ -97,7 +100,8 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
             # closed its record: nothing left to observe.
             handler(connection)
             return
-        _install_recv_hooks(connection, record)
+        if not getattr(connection, _TIMED_ATTR, False):  # not a class made by serve()
+            _RecvHooks.install(connection, record)
         try:
             handler(connection)
         except ConnectionClosed:
@@ -146,10 +150,27 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
     """
     if not isinstance(base, type):
         # websockets also takes a wrapper function here; it cannot be subclassed, so
-        # that server's handshakes are not timed (its connections are still counted).
-        return base
+        # that server's handshakes are not timed. Its frames are still counted from
+        # the start: the reader thread may parse a message before the handler starts.
+        factory = base
+
+        def create_connection(sock: Any, protocol: Any, *args: Any, **kwargs: Any) -> Any:
+            record = monitor.prepare(protocol)
+            connection = factory(sock, protocol, *args, **kwargs)
+            setattr(connection, _PREPARED_ATTR, record)
+            return connection
+
+        return create_connection
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
+        __slots__ = (RECORD_ATTR,)
+        # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
+        recv = TimedRecv.recv
+        recv_streaming = TimedRecv.recv_streaming
+        _ws_monitoring_timed = True
+        _ws_monitoring_recv = base.recv
+        _ws_monitoring_recv_streaming = base.recv_streaming
+
         def __init__(self, sock: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
             # Before super().__init__, which starts the reader thread: a message sent
             # right after the handshake may be parsed before the handler starts.

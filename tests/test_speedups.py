@@ -1,0 +1,198 @@
+"""The C frame counter (``ws_monitoring/_speedups.c``) and its pure-Python fallback.
+
+The rest of the suite runs against whichever implementation was imported (C whenever it
+was built; ``make test`` requires it). Here: the fallback passes the core, adapter and
+bad-input suites in a subprocess, both implementations count the same random frame
+streams identically, and the C types reject misuse with clear errors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
+
+from tests.helpers.servers import frame
+from tests.test_core import conn_with_request, make_monitor, recv
+from ws_monitoring import core
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_speedups = pytest.mark.skipif(
+    not core.SPEEDUPS, reason="ws_monitoring._speedups is not built here"
+)
+
+
+def test_speedups_are_in_use_when_required() -> None:
+    # make test sets WS_MONITORING_REQUIRE_SPEEDUPS: the C counter cannot silently vanish.
+    if os.environ.get("WS_MONITORING_REQUIRE_SPEEDUPS"):
+        assert core.SPEEDUPS
+        assert core.ConnectionRecord.__mro__[1].__module__ == "ws_monitoring._speedups"
+
+
+def test_pure_python_fallback_passes_the_suites() -> None:
+    env = {**os.environ, "WS_MONITORING_NO_SPEEDUPS": "1"}
+    env.pop("WS_MONITORING_REQUIRE_SPEEDUPS", None)
+    suites = [
+        "tests/test_core.py",
+        "tests/test_hot_path.py",
+        "tests/test_bad_input.py",
+        "tests/test_asyncio_server.py",
+        "tests/test_sync_server.py",
+        "tests/test_speedups.py::test_fallback_is_selected_by_the_environment",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+def test_fallback_is_selected_by_the_environment() -> None:
+    if os.environ.get("WS_MONITORING_NO_SPEEDUPS"):
+        assert not core.SPEEDUPS
+        assert core.ConnectionRecord.__mro__[1] is core._Counts
+
+
+# -- both implementations on the same frames -------------------------------------------
+
+
+def _python_counter(monitor: core.Monitor) -> tuple[object, object]:
+    """A pure-Python record and frame counter, whatever the imported implementation."""
+
+    class PyRecord(core._Counts):
+        __slots__ = ("close_code", "ping_data", "ping_sent_at")
+        _ping = core.ConnectionRecord._ping
+        _pong = core.ConnectionRecord._pong
+        _close_frame = core.ConnectionRecord._close_frame
+
+        def __init__(self) -> None:
+            super().__init__(monitor.layout)
+            self.close_code = None
+            self.ping_data = None
+            self.ping_sent_at = 0.0
+
+    record = PyRecord()
+    return record, core._frame_counter_class(monitor)(record)
+
+
+_OPS = [Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG, Opcode.CLOSE]
+_frames = st.lists(
+    st.tuples(
+        st.sampled_from(_OPS),
+        st.binary(max_size=300),
+        st.booleans(),  # fin
+        st.booleans(),  # rsv1
+        st.booleans(),  # received (decode) or sent (encode)
+    ),
+    max_size=40,
+)
+_FIELDS = ("in_text", "in_binary", "out_text", "out_binary", "in_bytes", "out_bytes", "h")
+
+
+@needs_speedups
+@settings(max_examples=200, deadline=None)
+@given(_frames)
+def test_c_and_python_count_the_same(frames: list[tuple[Opcode, bytes, bool, bool, bool]]) -> None:
+    monitor = make_monitor(size_buckets=(4.0, 64.0, 100.0), rtt_buckets=(1.0,))
+    c_record = core.ConnectionRecord(monitor)
+    py_record, py_counter = _python_counter(monitor)
+    for op, data, fin, rsv1, received in frames:
+        f = Frame(op, data, fin=fin, rsv1=rsv1)
+        if received:
+            assert c_record.decode(f, max_size=None) is f
+            assert py_counter.decode(f, max_size=None) is f  # type: ignore[attr-defined]
+        else:
+            assert c_record.encode(f) is f
+            assert py_counter.encode(f) is f  # type: ignore[attr-defined]
+    for name in _FIELDS:
+        assert getattr(c_record, name) == getattr(py_record, name), name
+    assert c_record.close_code == py_record.close_code  # type: ignore[attr-defined]
+    assert c_record.ping_data == py_record.ping_data  # type: ignore[attr-defined]
+
+
+@needs_speedups
+def test_durations_and_rtts_fall_in_the_same_buckets() -> None:
+    monitor = make_monitor(duration_buckets=(0.001, 0.01, 0.1), rtt_buckets=(0.05, 0.5))
+    c_record = core.ConnectionRecord(monitor)
+    py_record, _ = _python_counter(monitor)
+    for value in (0.0, 0.001, 0.0010001, 0.05, 0.1, 0.5, 7.0):
+        assert c_record.add_duration(value) == py_record.add_duration(value)  # type: ignore[attr-defined]
+        c_record.add_rtt(value)
+        py_record.add_rtt(value)  # type: ignore[attr-defined]
+    assert c_record.h == py_record.h  # type: ignore[attr-defined]
+    assert c_record.handling_sum == pytest.approx(py_record.handling_sum)  # type: ignore[attr-defined]
+    assert c_record.rtt_sum == pytest.approx(py_record.rtt_sum)  # type: ignore[attr-defined]
+
+
+# -- the C types against misuse ------------------------------------------------------------
+
+
+@needs_speedups
+def test_c_types_reject_misuse() -> None:
+    from ws_monitoring import _speedups
+
+    monitor = make_monitor()
+    record = core.ConnectionRecord(monitor)
+    with pytest.raises(TypeError, match="one positional"):
+        record.decode()  # type: ignore[call-arg]
+    with pytest.raises(AttributeError):
+        record.decode(object())
+    with pytest.raises(AttributeError):
+        record.encode(object())
+    with pytest.raises(TypeError):
+        record.add_duration("slow")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _speedups.Counts(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_sent"):
+        _speedups.Layout(monitor.layout, b"", 42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="out of range"):
+        _speedups.Layout(monitor.layout, b"\xff", None)
+
+    class Shifted:
+        size_bounds = duration_bounds = rtt_bounds = (1.0,)
+        size_out, duration, rtt, length = 2, 4, 6, 9  # length should be 8
+
+    with pytest.raises(ValueError, match="offsets"):
+        _speedups.Layout(Shifted(), b"", None)
+
+    class Empty(Shifted):
+        size_bounds = ()
+
+    with pytest.raises(ValueError, match="at least one"):
+        _speedups.Layout(Empty(), b"", None)
+
+
+@needs_speedups
+def test_a_failing_send_sink_does_not_break_sending() -> None:
+    class Broken:
+        wants_sent_messages = True
+
+        def message_started(self, *args: object) -> None:
+            return None
+
+        def message_finished(self, *args: object) -> None:
+            return None
+
+        def message_sent(self, *args: object) -> None:
+            raise RuntimeError("sink bug")
+
+        def __getattr__(self, name: str) -> object:
+            return lambda *args: None
+
+    monitor = make_monitor([Broken()])  # type: ignore[list-item]
+    conn = conn_with_request()
+    record = monitor.open(conn)
+    conn.protocol.send_text(b"hello")
+    recv(conn, frame(0x1, b"in"))
+    assert (record.out_text, record.in_text) == (1, 1)

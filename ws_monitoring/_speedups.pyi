@@ -1,0 +1,24 @@
+from collections.abc import Callable
+from typing import Any
+
+class Layout:
+    def __init__(
+        self, layout: Any, size_table: bytes, on_sent: Callable[[Any, bool, int], None] | None
+    ) -> None: ...
+
+class Counts:
+    in_text: int
+    in_binary: int
+    out_text: int
+    out_binary: int
+    in_bytes: int
+    out_bytes: int
+    handling_sum: float
+    rtt_sum: float
+    @property
+    def h(self) -> list[int] | None: ...
+    def __init__(self, layout: Layout) -> None: ...
+    def decode(self, frame: Any, *, max_size: int | None = None) -> Any: ...
+    def encode(self, frame: Any) -> Any: ...
+    def add_duration(self, duration: float) -> int: ...
+    def add_rtt(self, rtt: float) -> None: ...
