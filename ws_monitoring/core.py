@@ -24,7 +24,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
@@ -282,7 +282,8 @@ class ConnectionRecord(_CountsBase):
         self.ping_data: bytes | None = None
         self.ping_sent_at = 0.0
         self.handling_start = 0.0
-        self.tokens: list[object] | None = None
+        #: What message_started returned: the only sink's token, or a list (one per sink).
+        self.tokens: object = None
         self.exemplar_trace_id: str | None = None
         self.exemplars: dict[int, tuple[str, float, float]] | None = None
         #: Close code the peer sent, even one websockets rejected as invalid (0: a close
@@ -337,7 +338,17 @@ class ConnectionRecord(_CountsBase):
     def message_handed(self, message: Data) -> None:
         """``recv()`` (or the first fragment of ``recv_streaming()``) returned ``message``."""
         self.handling_start = _now()
-        sinks = self.monitor.message_sinks
+        monitor = self.monitor
+        sink = monitor.message_sink
+        if sink is not None:
+            # One message sink (the usual case): its token as is, no list per message.
+            try:
+                self.tokens = sink.message_started(self, message)
+            except Exception:
+                _sink_failed(sink, "message_started")
+                self.tokens = None
+            return
+        sinks = monitor.message_sinks
         if sinks:
             tokens: list[object] = []
             for sink in sinks:
@@ -357,9 +368,15 @@ class ConnectionRecord(_CountsBase):
         self.handling_start = 0.0
         monitor = self.monitor
         tokens = self.tokens
-        if tokens is not None:
-            self.tokens = None
-            for sink, token in zip(monitor.message_sinks, tokens, strict=True):
+        self.tokens = None
+        single = monitor.message_sink
+        if single is not None:
+            try:
+                single.message_finished(self, tokens, duration, error)
+            except Exception:
+                _sink_failed(single, "message_finished")
+        elif tokens is not None:
+            for sink, token in zip(monitor.message_sinks, cast(list[object], tokens), strict=True):
                 try:
                     sink.message_finished(self, token, duration, error)
                 except Exception:
@@ -607,6 +624,8 @@ class Monitor:
         self.message_sinks: tuple[MessageSink, ...] = tuple(
             s for s in sinks if isinstance(s, MessageSink)
         )
+        #: The message sink when there is exactly one: dispatched without a loop.
+        self.message_sink = self.message_sinks[0] if len(self.message_sinks) == 1 else None
         # A call per sent message is not free: only sinks that use message_sent get it.
         self.send_sinks: tuple[MessageSink, ...] = tuple(
             s for s in self.message_sinks if getattr(s, "wants_sent_messages", True)
