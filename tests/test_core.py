@@ -80,6 +80,7 @@ class Recorder:
         self.fail = fail
         self.events: list[tuple[Any, ...]] = []
         self.shutdown_timeouts: list[float] = []
+        self.opened_handshakes: list[HandshakeRecord | None] = []
 
     def _record(self, *event: Any) -> None:
         self.events.append(event)
@@ -90,6 +91,7 @@ class Recorder:
         self._record("handshake_finished", handshake.outcome)
 
     def connection_opened(self, connection: ConnectionRecord) -> None:
+        self.opened_handshakes.append(connection.handshake)
         self._record("connection_opened", connection.route)
 
     def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None:
@@ -220,7 +222,9 @@ def test_dispatch_order_for_one_connection() -> None:
         ("shutdown",),
     ]
     assert handshake.status == 101
-    assert record.handshake is handshake
+    # Sinks see the handshake when the connection opens; the record lets go of it then.
+    assert rec.opened_handshakes == [handshake]
+    assert record.handshake is None
     assert 0 < rec.shutdown_timeouts[0] <= 1.0
 
 

@@ -120,8 +120,11 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
 
     @functools.wraps(handler)
     async def instrumented(connection: ServerConnection) -> None:
-        record = monitor.open(connection, handshake=getattr(connection, _HANDSHAKE_ATTR, None))
+        handshake = getattr(connection, _HANDSHAKE_ATTR, None)
+        record = monitor.open(connection, handshake=handshake)
         setattr(connection, RECORD_ATTR, record)
+        if handshake is not None:
+            setattr(connection, _HANDSHAKE_ATTR, None)  # see ConnectionRecord.handshake
         if not getattr(connection, _TIMED_ATTR, False):  # not a class made by serve()
             _RecvHooks.install(connection, record)
         try:
@@ -159,7 +162,7 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
         return base
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
-        __slots__ = (RECORD_ATTR,)
+        __slots__ = (RECORD_ATTR, _HANDSHAKE_ATTR)
         # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
         recv = TimedRecv.recv
         recv_streaming = TimedRecv.recv_streaming

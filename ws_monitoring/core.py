@@ -236,7 +236,7 @@ class ConnectionRecord(_CountsBase):
 
     __slots__ = (
         "__weakref__",
-        "client",
+        "_client",
         "close_code",
         "close_reason",
         "closed_at",
@@ -248,7 +248,6 @@ class ConnectionRecord(_CountsBase):
         "exemplars",
         "handling_start",
         "handshake",
-        "id",
         "monitor",
         "opened_at",
         "opened_unix",
@@ -268,13 +267,14 @@ class ConnectionRecord(_CountsBase):
         super().__init__(monitor.counts_layout)
         self.monitor = monitor
         self.connection: Any = None
-        self.id = ""
         self.path = ""
         self.route = ""
         self.request: Request | None = None
         self.remote_address: Any = None
         self.subprotocol: str | None = None
-        self.client: Client = NO_CLIENT
+        self._client: Client | None = None
+        #: The opening handshake, for sinks' ``connection_opened``; released afterwards
+        #: (``None``): an idle connection should not keep its request and response.
         self.handshake: HandshakeRecord | None = None
         self.opened_at = _now()
         self.opened_unix = time.time()
@@ -300,6 +300,42 @@ class ConnectionRecord(_CountsBase):
         return f"<ws_monitoring connection record {self.id or '(opening)'}>"
 
     # -- read-only views for sinks ----------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The connection's id (websockets' UUID), or "" before the handshake ended."""
+        connection = self.connection
+        return "" if connection is None else str(connection.id)
+
+    @property
+    def client(self) -> Client:
+        """The privacy-safe view of the client (see :class:`~ws_monitoring.privacy.Client`).
+
+        Built on first use, with the consent known then: a server whose sinks never
+        read it (metrics only) spends neither the memory nor the consent lookup.
+        """
+        client = self._client
+        if client is None:
+            connection = self.connection
+            if connection is None:
+                return NO_CLIENT
+            # A log line formatted while this runs (privacy warnings) reads no client data.
+            self._client = NO_CLIENT
+            try:
+                # websockets' basic_auth() sets ``username`` on the connection first.
+                client = self.monitor.privacy.client(
+                    self.remote_address,
+                    self.request,
+                    username=getattr(connection, "username", None),
+                )
+            finally:
+                self._client = None
+            self._client = client
+        return client
+
+    @client.setter
+    def client(self, client: Client) -> None:
+        self._client = client
 
     @property
     def messages_received(self) -> int:
@@ -728,7 +764,6 @@ class Monitor:
         if record is None:
             record = self.prepare(connection.protocol)
         record.connection = connection
-        record.id = str(connection.id)
         record.path = raw_path.split("?", 1)[0]
         record.route = handshake.route if handshake and handshake.route else self.routes(raw_path)
         record.request = request
@@ -738,14 +773,11 @@ class Monitor:
             # The threading server's socket is already closed: the client left at once.
             record.remote_address = None
         record.subprotocol = connection.subprotocol
-        # websockets' basic_auth() sets ``username`` on the connection before the handler.
-        record.client = self.privacy.client(
-            record.remote_address, request, username=getattr(connection, "username", None)
-        )
         record.handshake = handshake
         record.opened_at = _now()
         record.opened_unix = time.time()
         self._dispatch("connection_opened", record)
+        record.handshake = None
         return record
 
     def prepare(self, protocol: Protocol) -> ConnectionRecord:

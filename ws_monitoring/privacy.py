@@ -444,8 +444,11 @@ class Privacy:
     def consent_for(self, request: Any, user: str | None) -> Consent:
         """Consent of a new connection: the user's entry, else ``consent_resolver``."""
         if user is not None:
+            # Outside the lock: the first pseudonym may log a warning, and formatting a
+            # log line can need this very lookup (a connection's client view).
+            key = self.pseudonymize(user)
             with self._lock:
-                entry = self._users.get(self.pseudonymize(user))
+                entry = self._users.get(key)
             if entry is not None:
                 return entry
         resolver = self._config.consent_resolver

@@ -163,7 +163,7 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
         return create_connection
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
-        __slots__ = (RECORD_ATTR,)
+        __slots__ = (RECORD_ATTR, _HANDSHAKE_ATTR, _PREPARED_ATTR)
         # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
         recv = TimedRecv.recv
         recv_streaming = TimedRecv.recv_streaming
@@ -195,6 +195,9 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
                         self, handshake=record, record=getattr(self, _PREPARED_ATTR, None)
                     )
                     setattr(self, RECORD_ATTR, opened)
+                    # See ConnectionRecord.handshake: idle connections keep neither.
+                    setattr(self, _HANDSHAKE_ATTR, None)
+                    setattr(self, _PREPARED_ATTR, None)
                     # Set, then check (the reader does the reverse): one of us sees both.
                     if getattr(self, _READER_DONE_ATTR, False) and _claim(self):
                         monitor.closed(opened, self.protocol)
