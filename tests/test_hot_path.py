@@ -218,3 +218,39 @@ async def test_sizes_are_before_compression(
             samples.get("websocket_messages_total", route="/z", direction=direction, type="text")
             == 1
         )
+
+
+def _live_handshake_records() -> int:
+    import gc
+
+    from ws_monitoring.core import HandshakeRecord
+
+    gc.collect()
+    return sum(isinstance(o, HandshakeRecord) for o in gc.get_objects())
+
+
+async def test_open_connections_keep_no_handshake_record(registry: CollectorRegistry) -> None:
+    """An idle connection holds neither its handshake record nor, through it, its request."""
+    from tests.helpers.servers import sync_server_async
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    def echo_sync(ws: Any) -> None:
+        for message in ws:
+            ws.send(message)
+
+    options = {"registry": registry, "tracing": False, "log_lifecycle": False}
+    before = _live_handshake_records()
+    async with async_server(echo, monitoring=options) as srv, connect(srv.url("/a")) as client:
+        await client.send("x")
+        assert await client.recv() == "x"
+        assert _live_handshake_records() == before
+    async with (
+        sync_server_async(echo_sync, monitoring=options) as srv,
+        connect(srv.url("/s")) as client,
+    ):
+        await client.send("x")
+        assert await client.recv() == "x"
+        assert _live_handshake_records() == before

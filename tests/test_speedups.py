@@ -45,6 +45,7 @@ def test_pure_python_fallback_passes_the_suites() -> None:
         "tests/test_asyncio_server.py",
         "tests/test_sync_server.py",
         "tests/test_speedups.py::test_fallback_is_selected_by_the_environment",
+        "tests/test_speedups.py::test_column_sums_of_a_scrape",
     ]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
@@ -196,3 +197,39 @@ def test_a_failing_send_sink_does_not_break_sending() -> None:
     conn.protocol.send_text(b"hello")
     recv(conn, frame(0x1, b"in"))
     assert (record.out_text, record.in_text) == (1, 1)
+
+
+def test_column_sums_of_a_scrape() -> None:
+    monitor = make_monitor(size_buckets=(4.0, 64.0), duration_buckets=(0.01,), rtt_buckets=(1.0,))
+    length = monitor.layout.length
+    records = [core.ConnectionRecord(monitor) for _ in range(3)]
+    assert core.sum_counts(records, length) == (0, 0, 0, 0, 0, 0, 0.0, 0.0, None)
+    first, third = monitor.frame_counter(records[0]), monitor.frame_counter(records[2])
+    first.decode(Frame(Opcode.TEXT, b"abc"))
+    records[0].add_duration(0.5)
+    third.encode(Frame(Opcode.BINARY, b"x" * 100))
+    third.decode(Frame(Opcode.BINARY, b"x" * 10))
+    sums = core.sum_counts(records, length)
+    assert sums[:6] == (1, 1, 0, 1, 13, 100)
+    assert sums[6] == 0.5
+    assert sums[8] == [a + b for a, b in zip(records[0].h or [], records[2].h or [], strict=True)]
+    assert core.sum_counts(records, length) == core._sum_counts(records, length)
+
+
+@needs_speedups
+def test_c_column_sums_reject_misuse() -> None:
+    from ws_monitoring import _speedups
+
+    monitor = make_monitor()
+    record = core.ConnectionRecord(monitor)
+    record.add_duration(0.1)
+    with pytest.raises(TypeError, match="not a Counts"):
+        _speedups.sum_counts([object()], monitor.layout.length)
+    with pytest.raises(ValueError, match="another histogram layout"):
+        _speedups.sum_counts([record], monitor.layout.length + 1)
+    with pytest.raises(ValueError):
+        _speedups.sum_counts([record], -1)
+    with pytest.raises(TypeError):
+        _speedups.sum_counts(42, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _speedups.sum_counts([record])  # type: ignore[call-arg]

@@ -461,6 +461,85 @@ static PyTypeObject CountsType = {
     .tp_getset = Counts_getset,
 };
 
+/* -- scrapes ---------------------------------------------------------------------- */
+
+/* sum_counts(records, length): column sums of many records, for a scrape. */
+static PyObject *
+sum_counts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sum_counts(records, length)");
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(args[0], "records must be a sequence");
+    if (fast == NULL) return NULL;
+    Py_ssize_t length = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (length < 0) {
+        Py_DECREF(fast);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "length must be >= 0");
+        return NULL;
+    }
+    long long totals[6] = {0};
+    double sums[2] = {0.0, 0.0};
+    unsigned long long *h = NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyObject_TypeCheck(item, &CountsType)) {
+            PyErr_Format(PyExc_TypeError, "not a Counts: %R", item);
+            goto done;
+        }
+        CountsObject *c = (CountsObject *)item;
+        totals[0] += c->in_text;
+        totals[1] += c->in_binary;
+        totals[2] += c->out_text;
+        totals[3] += c->out_binary;
+        totals[4] += c->in_bytes;
+        totals[5] += c->out_bytes;
+        sums[0] += c->handling_sum;
+        sums[1] += c->rtt_sum;
+        if (c->h == NULL) continue;
+        if (c->layout->length != length) {
+            PyErr_SetString(PyExc_ValueError, "a record has another histogram layout");
+            goto done;
+        }
+        if (h == NULL && (h = PyMem_Calloc((size_t)length ? (size_t)length : 1, sizeof(*h))) == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t j = 0; j < length; j++) h[j] += c->h[j];
+    }
+    PyObject *hist = Py_None;
+    Py_INCREF(hist);
+    if (h != NULL) {
+        Py_DECREF(hist);
+        hist = PyList_New(length);
+        if (hist == NULL) goto done;
+        for (Py_ssize_t j = 0; j < length; j++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(h[j]);
+            if (v == NULL) {
+                Py_DECREF(hist);
+                goto done;
+            }
+            PyList_SET_ITEM(hist, j, v);
+        }
+    }
+    result = Py_BuildValue("(LLLLLLddN)", totals[0], totals[1], totals[2], totals[3], totals[4],
+                           totals[5], sums[0], sums[1], hist);
+done:
+    PyMem_Free(h);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"sum_counts", (PyCFunction)(void (*)(void))sum_counts, METH_FASTCALL,
+     PyDoc_STR("sum_counts(records, length) -> (in_text, in_binary, out_text, out_binary, "
+               "in_bytes, out_bytes, handling_sum, rtt_sum, h or None)")},
+    {NULL},
+};
+
 /* -- module ----------------------------------------------------------------------- */
 
 static int
@@ -482,6 +561,7 @@ static struct PyModuleDef module = {
     .m_name = "ws_monitoring._speedups",
     .m_doc = "C implementation of ws_monitoring's per-frame counting.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 class Layout:
@@ -22,3 +22,7 @@ class Counts:
     def encode(self, frame: Any) -> Any: ...
     def add_duration(self, duration: float) -> int: ...
     def add_rtt(self, rtt: float) -> None: ...
+
+def sum_counts(
+    records: Sequence[Counts], length: int
+) -> tuple[int, int, int, int, int, int, float, float, list[int] | None]: ...

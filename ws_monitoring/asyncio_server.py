@@ -120,10 +120,10 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
 
     @functools.wraps(handler)
     async def instrumented(connection: ServerConnection) -> None:
-        handshake = getattr(connection, _HANDSHAKE_ATTR, None)
-        record = monitor.open(connection, handshake=handshake)
+        # No local variable for the handshake: this frame lives as long as the connection.
+        record = monitor.open(connection, handshake=getattr(connection, _HANDSHAKE_ATTR, None))
         setattr(connection, RECORD_ATTR, record)
-        if handshake is not None:
+        if getattr(connection, _HANDSHAKE_ATTR, None) is not None:
             setattr(connection, _HANDSHAKE_ATTR, None)  # see ConnectionRecord.handshake
         if not getattr(connection, _TIMED_ATTR, False):  # not a class made by serve()
             _RecvHooks.install(connection, record)

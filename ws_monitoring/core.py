@@ -23,7 +23,7 @@ import math
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from websockets.http11 import Request, Response
     from websockets.protocol import Protocol
 
-__all__ = ["ConnectionRecord", "HandshakeRecord", "HistogramLayout", "Monitor"]
+__all__ = ["ConnectionRecord", "HandshakeRecord", "HistogramLayout", "Monitor", "sum_counts"]
 
 logger = logging.getLogger("ws_monitoring")
 
@@ -151,6 +151,26 @@ class _Counts:
         self.rtt_sum += rtt
 
 
+#: Column sums of records: message and byte counts, handling and RTT sums, histogram.
+CountSums = tuple[int, int, int, int, int, int, float, float, "list[int] | None"]
+
+
+def _sum_counts(records: Sequence[_Counts], length: int) -> CountSums:
+    """Column sums of ``records`` (in Python); ``h`` is ``None`` when no record has one."""
+    hs = [h for r in records if (h := r.h) is not None]
+    return (
+        sum([r.in_text for r in records]),
+        sum([r.in_binary for r in records]),
+        sum([r.out_text for r in records]),
+        sum([r.out_binary for r in records]),
+        sum([r.in_bytes for r in records]),
+        sum([r.out_bytes for r in records]),
+        sum([r.handling_sum for r in records]),
+        sum([r.rtt_sum for r in records]),
+        list(map(sum, zip(*hs, strict=True))) if hs else None,
+    )
+
+
 def _load_speedups() -> Any:
     """``ws_monitoring._speedups``, or None: not compiled, or WS_MONITORING_NO_SPEEDUPS set."""
     if os.environ.get("WS_MONITORING_NO_SPEEDUPS"):
@@ -171,6 +191,10 @@ if TYPE_CHECKING:
     _CountsBase = _Counts
 else:
     _CountsBase = _speedups.Counts if SPEEDUPS else _Counts
+#: ``sum_counts(records, layout_length)``: the column sums of a scrape, in C when built.
+sum_counts: Callable[[Sequence[Any], int], CountSums] = (
+    _speedups.sum_counts if SPEEDUPS else _sum_counts
+)
 
 
 class HandshakeRecord:
