@@ -455,3 +455,55 @@ async def test_create_connection_wrapper_function_still_works(
     samples = await settled(scrape_metrics, 1)
     labels = {"route": "/w", "direction": "received", "type": "text"}
     assert samples["websocket_messages_total", labels] == 1
+
+
+async def test_recv_timeouts_tasks_and_cancellation_behave_as_on_a_bare_server(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    """``recv()`` returns a timed awaitable, not websockets' coroutine: same behaviour."""
+
+    async def handler(ws: ServerConnection) -> None:
+        log: list[str] = []
+        try:
+            async with asyncio.timeout(0.05):
+                await ws.recv()
+        except TimeoutError:
+            log.append("timeout")
+        log.append(str(await asyncio.wait_for(ws.recv(), 5)))
+        log.append(str(await asyncio.create_task(ws.recv())))
+        pending = asyncio.ensure_future(ws.recv())
+        await asyncio.sleep(0.05)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await ws.send("cancelled")
+        log.append(str(await ws.recv()))
+        awaitable = ws.recv()
+        log.append(str(await awaitable))
+        with pytest.raises(RuntimeError):
+            await awaitable
+        await ws.send(" ".join(log))
+
+    logs = []
+    for monitoring in (None, {"registry": registry}):
+        async with (
+            async_server(handler, monitoring=monitoring) as srv,
+            connect(srv.url("/r")) as client,
+        ):
+            await asyncio.sleep(0.2)
+            await client.send("one")
+            await client.send("two")
+            assert await client.recv() == "cancelled"
+            await client.send("three")
+            await client.send("four")
+            logs.append(await client.recv())
+    assert logs[0] == logs[1] == "timeout one two three four"
+    samples = await settled(scrape_metrics, 1)
+    assert (
+        samples[
+            "websocket_messages_total", {"route": "/r", "direction": "received", "type": "text"}
+        ]
+        == 4
+    )
+    # Four messages handed to the handler, four handling times.
+    assert samples["websocket_message_duration_seconds_count", {"route": "/r"}] == 4

@@ -233,3 +233,112 @@ def test_c_column_sums_reject_misuse() -> None:
         _speedups.sum_counts(42, 3)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _speedups.sum_counts([record])  # type: ignore[call-arg]
+
+
+# -- the timed recv() awaitable, driven by hand --------------------------------------------
+
+
+class _Future:
+    """Something to yield, as an asyncio future does while it waits."""
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return (yield self)
+
+
+def _timed_record() -> core.ConnectionRecord:
+    return core.ConnectionRecord(make_monitor())
+
+
+@needs_speedups
+def test_timed_recv_passes_values_and_results_through() -> None:
+    record = _timed_record()
+
+    async def inner() -> str:
+        got = await _Future()
+        return f"message {got}"
+
+    timed = record.timed(inner())
+    assert isinstance(timed.__await__(), type(timed))
+    assert isinstance(next(timed), _Future)
+    with pytest.raises(StopIteration) as stop:
+        timed.send("x")
+    assert stop.value.value == "message x"
+    assert record.handling_start > 0
+    # Reusing a finished recv() is an error, as reusing a coroutine is.
+    with pytest.raises(RuntimeError, match="reuse"):
+        timed.send(None)
+    with pytest.raises(ValueError, match="late"):
+        timed.throw(ValueError("late"))
+    assert timed.close() is None
+    # The next recv() ends the handling of this message: one duration counted.
+    record.timed(inner()).close()
+    assert record.handling_start == 0.0
+    assert sum((record.h or [])[monitor_duration_slice(record)]) == 1
+
+
+def monitor_duration_slice(record: core.ConnectionRecord) -> slice:
+    layout = record.monitor.layout
+    return slice(layout.duration, layout.rtt)
+
+
+@needs_speedups
+def test_timed_recv_throw_close_and_tuple_results() -> None:
+    record = _timed_record()
+
+    async def catches() -> tuple[str, str]:
+        try:
+            await _Future()
+        except KeyError:
+            return ("caught", "it")
+        raise AssertionError("not reached")
+
+    timed = record.timed(catches())
+    next(timed)
+    with pytest.raises(StopIteration) as stop:
+        timed.throw(KeyError("k"))
+    assert stop.value.value == ("caught", "it")
+
+    async def waits_again() -> str:
+        try:
+            await _Future()
+        except KeyError:
+            await _Future()
+        return "done"
+
+    timed = record.timed(waits_again())
+    next(timed)
+    assert isinstance(timed.throw(KeyError("k")), _Future)
+    with pytest.raises(StopIteration):
+        timed.send(None)
+
+    async def raises() -> str:
+        await _Future()
+        raise OSError("gone")
+
+    timed = record.timed(raises())
+    next(timed)
+    with pytest.raises(OSError, match="gone"):
+        timed.send(None)
+
+    async def returns_none() -> None:
+        await _Future()
+
+    timed = record.timed(returns_none())
+    next(timed)
+    with pytest.raises(StopIteration) as stop:
+        next(timed)
+    assert stop.value.value is None
+
+    closed = []
+
+    async def cleans_up() -> str:
+        try:
+            await _Future()
+        finally:
+            closed.append(True)
+        return "unreachable"
+
+    timed = record.timed(cleans_up())
+    next(timed)
+    timed.close()
+    assert closed == [True]

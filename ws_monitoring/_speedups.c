@@ -21,7 +21,8 @@
 
 static PyObject *op_text, *op_binary, *op_cont, *op_ping, *op_pong, *op_close;
 static PyObject *str_opcode, *str_data, *str_fin, *str_rsv1, *str_rsv2, *str_rsv3;
-static PyObject *str_pong, *str_ping, *str_close_frame;
+static PyObject *str_pong, *str_ping, *str_close_frame, *str_message_done, *str_message_handed;
+static PyObject *str_throw, *str_close;
 
 /* -- Layout: the histogram layout and bucket bounds shared by a monitor's records -- */
 
@@ -38,6 +39,7 @@ typedef struct {
     Py_ssize_t n_rtt;
     Py_ssize_t off_out, off_duration, off_rtt, length;
     PyObject *on_sent;            /* callable(record, binary, size) or NULL */
+    int message_sinks;            /* do sinks want message_handed/message_done calls? */
 } LayoutObject;
 
 static int
@@ -87,9 +89,11 @@ read_offset(PyObject *layout, const char *name)
 static int
 Layout_init(LayoutObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"layout", "size_table", "on_sent", NULL};
+    static char *kwlist[] = {"layout", "size_table", "on_sent", "message_sinks", NULL};
     PyObject *layout, *table, *on_sent;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OSO:Layout", kwlist, &layout, &table, &on_sent))
+    int message_sinks = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OSO|p:Layout", kwlist, &layout, &table,
+                                     &on_sent, &message_sinks))
         return -1;
     if (self->table_obj != NULL) {
         PyErr_SetString(PyExc_TypeError, "Layout is already initialized");
@@ -111,6 +115,7 @@ Layout_init(LayoutObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "histogram offsets do not match the bounds");
         return -1;
     }
+    self->message_sinks = message_sinks;
     Py_INCREF(table);
     self->table_obj = table;
     self->table = (const unsigned char *)PyBytes_AS_STRING(table);
@@ -146,7 +151,8 @@ Layout_dealloc(LayoutObject *self)
 static PyTypeObject LayoutType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ws_monitoring._speedups.Layout",
-    .tp_doc = PyDoc_STR("Layout(layout, size_table, on_sent): bucket bounds and offsets."),
+    .tp_doc = PyDoc_STR("Layout(layout, size_table, on_sent, message_sinks=False): bucket "
+                        "bounds and offsets, and what the sinks want."),
     .tp_basicsize = sizeof(LayoutObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -162,6 +168,7 @@ typedef struct {
     unsigned long long *h;        /* per-bucket counts, allocated on first use */
     long long in_text, in_binary, out_text, out_binary, in_bytes, out_bytes;
     double handling_sum, rtt_sum;
+    double handling_start;        /* perf_counter() when the handler got its message, or 0 */
     Py_ssize_t in_size, out_size; /* bytes so far of a fragmented message */
     char in_op_binary, out_op_binary, fragmented;
 } CountsObject;
@@ -399,6 +406,243 @@ Counts_add_rtt(CountsObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* -- timing recv(): an awaitable around websockets' own recv() coroutine ------------ */
+
+static double
+perf_counter(void)
+{
+    /* time.perf_counter() on Linux and macOS: the same clock as the Python side. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+typedef struct {
+    PyObject_HEAD
+    CountsObject *record;
+    PyObject *inner;              /* the coroutine being awaited */
+} TimedObject;
+
+static PyTypeObject TimedType;
+
+/* The handler got ``message``: handling starts now. */
+static int
+timed_done(TimedObject *self, PyObject *message)
+{
+    CountsObject *record = self->record;
+    if (!record->layout->message_sinks) {
+        record->handling_start = perf_counter();
+        return 0;
+    }
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)record, str_message_handed, message);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PySendResult
+Timed_am_send(TimedObject *self, PyObject *value, PyObject **result)
+{
+    if (self->inner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited recv()");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    PySendResult status = PyIter_Send(self->inner, value, result);
+    if (status == PYGEN_RETURN) {
+        Py_CLEAR(self->inner);
+        if (timed_done(self, *result) < 0) {
+            Py_CLEAR(*result);
+            return PYGEN_ERROR;
+        }
+    }
+    else if (status == PYGEN_ERROR) {
+        Py_CLEAR(self->inner);
+    }
+    return status;
+}
+
+/* The result of a send: the value yielded, or StopIteration(value) raised. */
+static PyObject *
+stop_or_yield(PySendResult status, PyObject *result)
+{
+    if (status == PYGEN_NEXT) return result;
+    if (status == PYGEN_RETURN) {
+        if (result == Py_None) PyErr_SetNone(PyExc_StopIteration);
+        else {
+            /* An instance, so that a tuple value is not taken for arguments. */
+            PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, result);
+            if (exc != NULL) {
+                PyErr_SetObject(PyExc_StopIteration, exc);
+                Py_DECREF(exc);
+            }
+        }
+        Py_DECREF(result);
+    }
+    return NULL;
+}
+
+static PyObject *
+Timed_iternext(TimedObject *self)
+{
+    PyObject *result;
+    PySendResult status = Timed_am_send(self, Py_None, &result);
+    if (status == PYGEN_RETURN && result == Py_None) {
+        Py_DECREF(result);
+        return NULL; /* StopIteration without a value */
+    }
+    return stop_or_yield(status, result);
+}
+
+static PyObject *
+Timed_send(TimedObject *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult status = Timed_am_send(self, value, &result);
+    return stop_or_yield(status, result);
+}
+
+/* throw(...): into the inner coroutine (cancellation, timeouts). */
+static PyObject *
+Timed_throw(TimedObject *self, PyObject *args)
+{
+    if (self->inner == NULL) {
+        /* Nothing to delegate to: raise what was thrown, as a finished coroutine does. */
+        PyObject *typ, *val = NULL, *tb = NULL;
+        if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) return NULL;
+        if (PyExceptionInstance_Check(typ)) PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+        else PyErr_SetObject(typ, val);
+        return NULL;
+    }
+    PyObject *inner = Py_NewRef(self->inner);
+    PyObject *result = NULL;
+    PyObject *meth = PyObject_GetAttr(inner, str_throw);
+    if (meth != NULL) {
+        result = PyObject_Call(meth, args, NULL);
+        Py_DECREF(meth);
+    }
+    Py_DECREF(inner);
+    if (result != NULL) return result; /* the coroutine caught it and waits again */
+    Py_CLEAR(self->inner);
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) return NULL;
+    /* The coroutine caught it and returned: the handler got a message after all. */
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    PyObject *value = exc != NULL ? PyObject_GetAttrString(exc, "value") : Py_NewRef(Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+    if (value == NULL) return NULL;
+    if (timed_done(self, value) < 0) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    return stop_or_yield(PYGEN_RETURN, value);
+}
+
+static PyObject *
+Timed_close(TimedObject *self, PyObject *unused)
+{
+    PyObject *inner = self->inner;
+    if (inner == NULL) Py_RETURN_NONE;
+    self->inner = NULL;
+    PyObject *result = PyObject_CallMethodNoArgs(inner, str_close);
+    Py_DECREF(inner);
+    return result;
+}
+
+static PyObject *
+Timed_await(TimedObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static int
+Timed_traverse(TimedObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->record);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+Timed_clear(TimedObject *self)
+{
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->inner);
+    return 0;
+}
+
+static void
+Timed_dealloc(TimedObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Timed_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMethodDef Timed_methods[] = {
+    {"send", (PyCFunction)Timed_send, METH_O, NULL},
+    {"throw", (PyCFunction)Timed_throw, METH_VARARGS, NULL},
+    {"close", (PyCFunction)Timed_close, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyAsyncMethods Timed_as_async = {
+    .am_await = (unaryfunc)Timed_await,
+    .am_send = (sendfunc)Timed_am_send,
+};
+
+static PyTypeObject TimedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ws_monitoring._speedups.TimedRecv",
+    .tp_doc = PyDoc_STR("An awaitable recv() timing how long its message is handled."),
+    .tp_basicsize = sizeof(TimedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_as_async = &Timed_as_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Timed_iternext,
+    .tp_methods = Timed_methods,
+    .tp_traverse = (traverseproc)Timed_traverse,
+    .tp_clear = (inquiry)Timed_clear,
+    .tp_dealloc = (destructor)Timed_dealloc,
+};
+
+/* timed(coro): the handler asks for its next message; returns coro, timed. */
+static PyObject *
+Counts_timed(CountsObject *self, PyObject *inner)
+{
+    double start = self->handling_start;
+    if (start != 0.0) {
+        if (!self->layout->message_sinks) {
+            /* Handling of the previous message ends: message_done() with nothing to do
+             * but the histogram. */
+            double duration = perf_counter() - start;
+            self->handling_start = 0.0;
+            LayoutObject *layout = self->layout;
+            unsigned long long *h = histogram(self);
+            if (h == NULL) return NULL;
+            Py_ssize_t bucket = duration <= layout->duration_bounds[0]
+                ? 0
+                : bisect_left(layout->duration_bounds, layout->n_duration, duration);
+            h[layout->off_duration + bucket]++;
+            self->handling_sum += duration;
+        }
+        else {
+            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_message_done);
+            if (r == NULL) return NULL;
+            Py_DECREF(r);
+        }
+    }
+    TimedObject *timed = PyObject_GC_New(TimedObject, &TimedType);
+    if (timed == NULL) return NULL;
+    timed->record = (CountsObject *)Py_NewRef(self);
+    timed->inner = Py_NewRef(inner);
+    PyObject_GC_Track(timed);
+    return (PyObject *)timed;
+}
+
 static PyObject *
 Counts_get_h(CountsObject *self, void *closure)
 {
@@ -426,6 +670,8 @@ static PyMethodDef Counts_methods[] = {
      PyDoc_STR("add_duration(seconds) -> bucket index: count a message's handling time.")},
     {"add_rtt", (PyCFunction)Counts_add_rtt, METH_O,
      PyDoc_STR("add_rtt(seconds): count a ping's round-trip time.")},
+    {"timed", (PyCFunction)Counts_timed, METH_O,
+     PyDoc_STR("timed(coroutine) -> awaitable: the handler asks for its next message.")},
     {NULL},
 };
 
@@ -438,6 +684,7 @@ static PyMemberDef Counts_members[] = {
     {"out_bytes", T_LONGLONG, offsetof(CountsObject, out_bytes), 0, NULL},
     {"handling_sum", T_DOUBLE, offsetof(CountsObject, handling_sum), 0, NULL},
     {"rtt_sum", T_DOUBLE, offsetof(CountsObject, rtt_sum), 0, NULL},
+    {"handling_start", T_DOUBLE, offsetof(CountsObject, handling_start), 0, NULL},
     {NULL},
 };
 
@@ -567,12 +814,17 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&LayoutType) < 0 || PyType_Ready(&CountsType) < 0) return NULL;
+    if (PyType_Ready(&LayoutType) < 0 || PyType_Ready(&CountsType) < 0 ||
+        PyType_Ready(&TimedType) < 0)
+        return NULL;
     if (intern(&str_opcode, "opcode") < 0 || intern(&str_data, "data") < 0 ||
         intern(&str_fin, "fin") < 0 || intern(&str_rsv1, "rsv1") < 0 ||
         intern(&str_rsv2, "rsv2") < 0 || intern(&str_rsv3, "rsv3") < 0 ||
         intern(&str_pong, "_pong") < 0 || intern(&str_ping, "_ping") < 0 ||
-        intern(&str_close_frame, "_close_frame") < 0)
+        intern(&str_close_frame, "_close_frame") < 0 ||
+        intern(&str_message_done, "message_done") < 0 ||
+        intern(&str_message_handed, "message_handed") < 0 || intern(&str_throw, "throw") < 0 ||
+        intern(&str_close, "close") < 0)
         return NULL;
     PyObject *frames = PyImport_ImportModule("websockets.frames");
     if (frames == NULL) return NULL;

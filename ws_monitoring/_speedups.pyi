@@ -1,9 +1,13 @@
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 class Layout:
     def __init__(
-        self, layout: Any, size_table: bytes, on_sent: Callable[[Any, bool, int], None] | None
+        self,
+        layout: Any,
+        size_table: bytes,
+        on_sent: Callable[[Any, bool, int], None] | None,
+        message_sinks: bool = False,
     ) -> None: ...
 
 class Counts:
@@ -15,6 +19,7 @@ class Counts:
     out_bytes: int
     handling_sum: float
     rtt_sum: float
+    handling_start: float
     @property
     def h(self) -> list[int] | None: ...
     def __init__(self, layout: Layout) -> None: ...
@@ -22,6 +27,7 @@ class Counts:
     def encode(self, frame: Any) -> Any: ...
     def add_duration(self, duration: float) -> int: ...
     def add_rtt(self, rtt: float) -> None: ...
+    def timed(self, recv: Awaitable[Any]) -> Coroutine[Any, Any, Any]: ...
 
 def sum_counts(
     records: Sequence[Counts], length: int

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -103,6 +103,7 @@ class _Counts:
     __slots__ = (
         "_layout",
         "h",
+        "handling_start",
         "handling_sum",
         "in_binary",
         "in_bytes",
@@ -122,6 +123,8 @@ class _Counts:
         self.in_text = self.in_binary = self.out_text = self.out_binary = 0
         self.in_bytes = self.out_bytes = 0
         self.handling_sum = self.rtt_sum = 0.0
+        #: ``perf_counter()`` when the handler got its current message; 0.0: none.
+        self.handling_start = 0.0
         self.h: list[int] | None = None
         self.in_op: Opcode = _TEXT
         self.in_size = 0
@@ -140,6 +143,28 @@ class _Counts:
         h[layout.duration + bucket] += 1
         self.handling_sum += duration
         return bucket
+
+    async def timed(self: Any, recv: Awaitable[Data]) -> Data:
+        """``recv`` (the connection's own ``recv()``), timing how long messages are handled.
+
+        Called when the handler asks for its next message: handling of the previous one
+        ends (``message_done``); the message ``recv`` returns starts (``message_handed``).
+        """
+        start = self.handling_start
+        if start:
+            if not self.monitor.message_sinks:
+                # ``message_done()`` when it has nothing but the histogram to do.
+                self.handling_start = 0.0
+                self.add_duration(_now() - start)
+            else:
+                self.message_done()
+        message = await recv
+        if self.monitor.message_sinks:
+            self.message_handed(message)
+        else:
+            # All ``message_handed`` does without message sinks, minus a call.
+            self.handling_start = _now()
+        return message
 
     def add_rtt(self, rtt: float) -> None:
         """Count one ping's round-trip time (seconds)."""
@@ -270,7 +295,6 @@ class ConnectionRecord(_CountsBase):
         "error_type",
         "exemplar_trace_id",
         "exemplars",
-        "handling_start",
         "handshake",
         "monitor",
         "opened_at",
@@ -305,7 +329,6 @@ class ConnectionRecord(_CountsBase):
         self.closed_at = 0.0
         self.ping_data: bytes | None = None
         self.ping_sent_at = 0.0
-        self.handling_start = 0.0
         #: What message_started returned: the only sink's token, or a list (one per sink).
         self.tokens: object = None
         self.exemplar_trace_id: str | None = None
@@ -705,7 +728,9 @@ class Monitor:
         self.counts_layout: Any
         if SPEEDUPS:
             table = _size_table(self.size_bounds)
-            self.counts_layout = _speedups.Layout(self.layout, table, self.on_sent)
+            self.counts_layout = _speedups.Layout(
+                self.layout, table, self.on_sent, bool(self.message_sinks)
+            )
             self.frame_counter = _record_itself
         else:
             self.counts_layout = self.layout
