@@ -236,6 +236,24 @@ def test_bounded_queue_drops_and_counts(receiver: OtlpHttpReceiver) -> None:
     assert receiver.spans == []
 
 
+def test_full_batches_go_at_once_the_rest_on_schedule(receiver: OtlpHttpReceiver) -> None:
+    started = time.monotonic()
+    processor = http_processor(receiver.traces_url, max_export_batch_size=4, schedule_delay=0.5)
+    for n in range(10):
+        processor.offer_encoded(encoded_span(n))
+    _wait_for(lambda: receiver.requests == 2)
+    # Two full batches, at once; the two spans left wait for the schedule.
+    assert [s.name for s in receiver.spans] == [f"s{n}" for n in range(8)]
+    _wait_for(lambda: len(receiver.spans) == 10)
+    assert time.monotonic() - started >= 0.5
+    assert receiver.requests == 3
+    processor.offer_encoded(encoded_span(10))
+    assert processor.flush(5)  # a flush does not wait for the schedule
+    assert receiver.requests == 4
+    processor.shutdown(1)
+    assert processor.stats.snapshot() == ({"queue_full": 0, "export_failed": 0, "shutdown": 0}, 11)
+
+
 def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

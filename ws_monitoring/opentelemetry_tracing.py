@@ -103,10 +103,12 @@ default (``sample_ratio=``, ``sampler=`` or ``OTEL_TRACES_SAMPLER``): a message 
 parent (upgrade header, message carrier) is sampled is sampled too. On top of the ratio,
 messages whose handler raised, and messages handled slower than
 ``trace_slow_threshold`` (1 s by default), are always exported. The decision is taken
-before the handler runs, from the trace id alone, and nothing else is built for a
-message that is not kept; the trade-off: the spans the handler created under a message
-first judged unsampled were dropped when they ended, so a kept error or slow message
-arrives alone, without its children. For full traces of every message, use
+before the handler runs, as the ratio test on the trace id would take it (a sampled
+message's trace id passes that test, so downstream samplers agree), and nothing is
+built for a message that is not kept: at the default ratio, an unsampled message
+costs a counter decrement. The trade-off: the spans the handler created under a
+message first judged unsampled were dropped when they ended, so a kept error or slow
+message arrives alone, without its children. For full traces of every message, use
 ``sample_ratio=1.0``.
 
 Metrics and traces
@@ -120,9 +122,12 @@ Export faults
 -------------
 
 Spans wait in a bounded queue (2048, ``OTEL_BSP_MAX_QUEUE_SIZE``) exported by a background
-thread; a collector that is down, slow or refusing never blocks the server, and spans
-that do not fit are dropped and counted: ``ws_monitoring_spans_dropped_total{reason}``
-(``queue_full``, ``export_failed``, ``shutdown``), next to
+thread, in full batches (512, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``) as soon as there is
+one and what is left every ``OTEL_BSP_SCHEDULE_DELAY`` (5 s): a request costs about
+the same whatever its size. A collector that is down, slow or refusing never blocks the
+server, and spans that do not fit are dropped and counted:
+``ws_monitoring_spans_dropped_total{reason}`` (``queue_full``, ``export_failed``,
+``shutdown``), next to
 ``ws_monitoring_spans_exported_total``, in the registry of the servers
 (``config.registry``, else prometheus_client's default). ``Tracing.shutdown(timeout)``
 flushes within that deadline. With an application's own provider, its processors do the

@@ -8,7 +8,11 @@ spans without counting them. Here:
 * :class:`ExportProcessor` is an SDK ``SpanProcessor`` with a bounded queue. A full
   queue drops the new span and counts it (``queue_full``); a failed export counts its
   spans (``export_failed``); spans still queued when the deadline of a shutdown passes
-  are counted too (``shutdown``). Nothing in ``on_end`` blocks or waits.
+  are counted too (``shutdown``). Nothing in ``on_end`` blocks or waits. The export
+  thread runs in the server's process, so its CPU counts: it sends full batches only
+  (a request costs about the same whatever its size, and draining the queue while
+  spans trickle in made requests of a few dozen spans), the rest on schedule, and is
+  woken once per batch.
 * It accepts SDK spans (``on_end``) and spans that :mod:`ws_monitoring.opentelemetry_tracing`
   already encoded (``offer_encoded``): message spans never become SDK objects.
 * The encoder writes the OTLP protobuf wire format directly (``opentelemetry-proto``
@@ -99,6 +103,8 @@ def varint(value: int) -> bytes:
     """Protobuf varint of a non-negative int (negative int64s: pass ``value & 2**64-1``)."""
     if value < 128:
         return _SMALL[value]
+    if value < 16384:  # span lengths: the common case after one byte
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 127:
         out.append((value & 0x7F) | 0x80)
@@ -216,6 +222,45 @@ _pack_times = struct.Struct("<cQcQ").pack
 _pack_flags = struct.Struct("<2sI").pack
 
 
+def parent_field(parent_span_id: int) -> bytes:
+    """The ``parent_span_id`` field of a span (none for a root span: no call)."""
+    return _pack_parent(b"\x22\x08", parent_span_id)
+
+
+def trace_state_field(trace_state: str) -> bytes:
+    """The ``trace_state`` field of a span (none for an empty state: no call)."""
+    return string_field(b"\x1a", trace_state)
+
+
+def span_body(
+    trace_id: int,
+    span_id: int,
+    head: bytes,
+    name_kind: bytes,
+    start: int,
+    end: int,
+    rest: tuple[bytes, ...],
+    flags: int,
+) -> bytes:
+    """A ``Span`` message body from pre-encoded parts, in field order.
+
+    ``head``: the :func:`trace_state_field` and :func:`parent_field` (or ``b""``);
+    ``name_kind``: the name (:func:`string_field`, tag ``b"\\x2a"``) and
+    :func:`span_kind` fields; ``rest``: attributes, events, links and status;
+    ``flags``: the OTLP span flags.
+    """
+    return b"".join(
+        (
+            _pack_ids(b"\x0a\x10", trace_id >> 64, trace_id & _UINT64, b"\x12\x08", span_id),
+            head,
+            name_kind,
+            _pack_times(b"\x39", start, b"\x41", end),
+            *rest,
+            _pack_flags(b"\x85\x01", flags),
+        )
+    )
+
+
 def span(
     trace_id: int,
     span_id: int,
@@ -234,18 +279,10 @@ def span(
     :func:`span_kind`); ``parent_span_id`` 0 means a root span; ``rest`` holds the
     encoded attributes, events, links and status; ``flags`` the OTLP span flags.
     """
-    return b"".join(
-        (
-            _pack_ids(b"\x0a\x10", trace_id >> 64, trace_id & _UINT64, b"\x12\x08", span_id),
-            string_field(b"\x1a", trace_state) if trace_state else b"",
-            _pack_parent(b"\x22\x08", parent_span_id) if parent_span_id else b"",
-            name,
-            kind,
-            _pack_times(b"\x39", start, b"\x41", end),
-            rest,
-            _pack_flags(b"\x85\x01", flags),
-        )
-    )
+    head = trace_state_field(trace_state) if trace_state else b""
+    if parent_span_id:
+        head += parent_field(parent_span_id)
+    return span_body(trace_id, span_id, head, name + kind, start, end, (rest,), flags)
 
 
 def int_attribute(key: bytes, value: int) -> bytes:
@@ -328,18 +365,28 @@ class _Group:
 
 
 def request(groups: Iterable[_Group]) -> bytes:
-    """An ``ExportTraceServiceRequest`` body: one ``ResourceSpans`` per group."""
-    out = []
+    """An ``ExportTraceServiceRequest`` body: one ``ResourceSpans`` per group.
+
+    Built as one list of parts joined once: a batch is hundreds of kilobytes, and
+    nesting each level with :func:`field` would copy it once per level.
+    """
+    out: list[bytes] = []
     for g in groups:
         body = [field(b"\x0a", g.resource)]
         for sc, sc_schema, spans in g.scopes.values():
-            scope_spans = field(b"\x0a", sc) + b"".join(field(b"\x12", s) for s in spans)
+            scope_spans = [field(b"\x0a", sc)]
+            for item in spans:
+                n = len(item)
+                scope_spans.append(b"\x12" + (_SMALL[n] if n < 128 else varint(n)))
+                scope_spans.append(item)
             if sc_schema:
-                scope_spans += string_field(b"\x1a", sc_schema)
-            body.append(field(b"\x12", scope_spans))
+                scope_spans.append(string_field(b"\x1a", sc_schema))
+            body.append(b"\x12" + varint(sum(map(len, scope_spans))))
+            body.extend(scope_spans)
         if g.schema:
             body.append(string_field(b"\x1a", g.schema))
-        out.append(field(b"\x0a", b"".join(body)))
+        out.append(b"\x0a" + varint(sum(map(len, body))))
+        out.extend(body)
     return b"".join(out)
 
 
@@ -424,10 +471,10 @@ def _backoff(first: float, attempt: int) -> float:
 class HttpSender:
     """OTLP/HTTP with binary protobuf, on one kept-alive connection.
 
-    ``compression`` is ``"gzip"``, ``"deflate"`` or ``None``; TLS for ``https`` URLs with
-    ``certificate_file`` (CA bundle) and optional client certificate and key. Retries
-    (429, 502, 503, 504, connection errors) wait ``Retry-After`` or an exponential
-    backoff starting at ``backoff`` seconds.
+    ``compression`` is ``"gzip"``, ``"deflate"`` (both at the fastest level) or ``None``;
+    TLS for ``https`` URLs with ``certificate_file`` (CA bundle) and optional client
+    certificate and key. Retries (429, 502, 503, 504, connection errors) wait
+    ``Retry-After`` or an exponential backoff starting at ``backoff`` seconds.
 
     Raises:
         ValueError: ``endpoint`` is not an ``http``/``https`` URL, or an unknown compression.
@@ -493,10 +540,12 @@ class HttpSender:
             self._conn = None
 
     def send(self, body: bytes, deadline: float) -> int:
+        # Level 1: a batch of spans repeats the same keys and values; measured on 512
+        # message spans, level 6 costs 2.6 times the CPU for 2 % fewer bytes.
         if self._compression == "gzip":
-            body = gzip.compress(body, 6)
+            body = gzip.compress(body, 1)
         elif self._compression == "deflate":
-            body = zlib.compress(body)
+            body = zlib.compress(body, 1)
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -654,9 +703,10 @@ class ExportProcessor(SpanProcessor):
     """A span processor with a bounded queue and a background export thread.
 
     ``on_end`` (SDK spans) and :meth:`offer_encoded` (pre-encoded spans of ``resource``
-    and ``scope``) only append to a deque: they never block. Every ``schedule_delay``
-    seconds, or as soon as ``max_export_batch_size`` spans wait, the thread sends
-    batches of at most that many spans, each within ``export_timeout`` seconds.
+    and ``scope``) only append to a deque: they never block. As soon as
+    ``max_export_batch_size`` spans wait, the thread sends full batches of that many
+    spans; every ``schedule_delay`` seconds, on :meth:`flush` and on shutdown, it sends
+    everything queued. Each batch is sent within ``export_timeout`` seconds.
 
     Raises:
         ValueError: a non-positive size or delay.
@@ -710,10 +760,6 @@ class ExportProcessor(SpanProcessor):
         if span.context is not None and span.context.trace_flags.sampled:
             self._offer(span)
 
-    def offer_encoded(self, span_body: bytes) -> None:
-        """Queue an encoded ``Span`` message body of this processor's resource and scope."""
-        self._offer(span_body)
-
     def _offer(self, item: bytes | ReadableSpan) -> None:
         queue = self._queue
         if self._closed:
@@ -723,19 +769,36 @@ class ExportProcessor(SpanProcessor):
             self.stats.drop("queue_full")
             return
         queue.append(item)
-        if len(queue) >= self.batch_size:
+        # Event.set() takes a lock and notifies: once per batch, not for every span
+        # queued while the export thread is busy with the previous batch.
+        if len(queue) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
+
+    #: ``offer_encoded(span_body)``: queue an encoded ``Span`` message body of this
+    #: processor's resource and scope (the same method: one call per span, not two).
+    offer_encoded = _offer
 
     # -- the export thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        queue = self._queue
+        due = time.monotonic() + self.schedule_delay
         while True:
-            self._wake.wait(self.schedule_delay)
+            self._wake.wait(max(0.0, due - time.monotonic()))
             self._wake.clear()
-            while self._queue and not self._closed:
-                self._export_batch()
+            # Taken before exporting: what was queued before a flush() is sent first.
             with self._lock:
                 flushes, self._flushes = self._flushes, []
+            now = time.monotonic()
+            if flushes or self._stopping or now >= due:
+                due = now + self.schedule_delay
+                while queue and not self._closed:
+                    self._export_batch()
+            else:
+                # Woken by a full batch: full batches only. A request costs the same
+                # whatever its size; the rest goes with the next batch or at ``due``.
+                while len(queue) >= self.batch_size and not self._closed:
+                    self._export_batch()
             for done in flushes:
                 done.set()
             if self._stopping:
@@ -784,9 +847,13 @@ class ExportProcessor(SpanProcessor):
 
     def _encode(self, batch: Sequence[bytes | ReadableSpan]) -> bytes:
         groups: dict[int, _Group] = {}
+        own: list[bytes] | None = None  # the spans list of our resource and scope
         for item in batch:
             sc: InstrumentationScope | None
             if isinstance(item, bytes):
+                if own is not None:
+                    own.append(item)
+                    continue
                 res, sc, body = self.resource, self.scope, item
             else:
                 res, sc, body = item.resource, item.instrumentation_scope, sdk_span(item)
@@ -798,6 +865,8 @@ class ExportProcessor(SpanProcessor):
                 schema = (sc.schema_url or "") if sc is not None else ""
                 entry = group.scopes[id(sc)] = (self._encoded(sc, scope), schema, [])
             entry[2].append(body)
+            if isinstance(item, bytes):
+                own = entry[2]
         return request(groups.values())
 
     # -- flush and shutdown --------------------------------------------------------------

@@ -3,14 +3,23 @@
 Imported only when tracing is on and OpenTelemetry's SDK is installed (see
 :mod:`ws_monitoring.opentelemetry_tracing`, which documents the spans).
 
-Cost model. Per received message, before the handler runs, the sink draws the ids,
-decides sampling from the trace id (the ratio test of ``TraceIdRatioBased``, or the
-parent's flag for ``ParentBased``) and attaches a context holding a non-recording span
-with those ids, so spans the handler creates are its children (and are dropped with
-it when it is unsampled). Nothing else happens for a message that is neither sampled
-nor kept: no attributes, no SDK span. A kept span is built once, when handling ends,
-with explicit start and end times: encoded straight into OTLP protobuf bytes when the
-provider comes from :func:`~ws_monitoring.opentelemetry_tracing.setup_tracing`
+Cost model. Sampling is decided per received message, before the handler runs, as the
+provider's sampler would decide it. In the common case (a new trace per message, the
+ratio test of ``TraceIdRatioBased`` on random ids, under ``ParentBased`` or not) each
+connection keeps a countdown of the messages to leave unsampled before the next
+sampled one, drawn from the geometric distribution of that ratio: the same
+independent decisions, with the same probability, as testing a fresh random trace id
+per message. An unsampled message then costs a decrement: no id, no clock, no
+context. Handler spans still need an unsampled parent: one non-recording span per
+connection, attached once to the handler's context, serves every unsampled message.
+A sampled message gets a trace id drawn among those the ratio test samples, and a
+context of its own holding a non-recording span with its ids, so that spans the
+handler creates are its children. Messages with a parent (connection trace, message
+carrier) follow the parent's flag; other samplers are called. A kept span (sampled,
+failed, or slower than ``trace_slow_threshold``; the latter two get ids when handling
+ends, outside the sampled range) is built once, when handling ends, with explicit
+start and end times: encoded straight into OTLP protobuf bytes when the provider comes
+from :func:`~ws_monitoring.opentelemetry_tracing.setup_tracing`
 (:mod:`ws_monitoring.otlp_export`), or as an SDK ``ReadableSpan`` handed to the span
 processors of an application's own provider.
 """
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import random
 import re
 import threading
@@ -91,12 +101,21 @@ _FLAGS = [TraceFlags(i) for i in range(4)]
 _new_context = tuple.__new__  # SpanContext without re-validating ids drawn non-zero
 _time_ns = time.time_ns
 _bits = random.getrandbits
-# The runtime context's own methods: what context_api.attach/detach/get_current call,
-# minus a wrapper each (they run twice per message). OTEL_PYTHON_CONTEXT still applies.
+_random = random.random
+_log = math.log
+# What context_api.attach/detach/get_current end up calling, minus the wrappers (they
+# run for every sampled message): the default runtime's ContextVar itself, else the
+# runtime's methods. OTEL_PYTHON_CONTEXT still applies.
 _runtime = getattr(context_api, "_RUNTIME_CONTEXT", None)
-_attach = getattr(_runtime, "attach", context_api.attach)
-_detach = getattr(_runtime, "detach", context_api.detach)
-_get_current = getattr(_runtime, "get_current", context_api.get_current)
+_var = getattr(_runtime, "_current_context", None)
+if isinstance(_var, contextvars.ContextVar):
+    _attach: Any = _var.set
+    _detach: Any = _var.reset
+    _get_current: Any = _var.get
+else:  # pragma: no cover - another runtime context (OTEL_PYTHON_CONTEXT)
+    _attach = getattr(_runtime, "attach", context_api.attach)
+    _detach = getattr(_runtime, "detach", context_api.detach)
+    _get_current = getattr(_runtime, "get_current", context_api.get_current)
 
 
 class MonitoringTracerProvider(TracerProvider):
@@ -237,6 +256,36 @@ class _Backend:
         self.id_gen = gen
         #: The root bound when new trace ids are random and tested by ratio (the hot path).
         self.fast_root_bound = self.root_bound if self.random_ids else None
+        bound = self._bound = self.fast_root_bound or 0
+        #: Every root message sampled (ratio 1): no countdown, any random id.
+        self.sample_all = bound >= _ALL
+        # log(1 - p), p = bound / 2**64: the geometric draws of skips() (0 < p < 1 only).
+        self._log_keep = math.log1p(-bound / _ALL) if 0 < bound < _ALL else 0.0
+
+    def skips(self) -> float:
+        """How many root messages to leave unsampled before the next sampled one.
+
+        For the fast root path below ratio 1 (``sample_all`` needs no countdown).
+        Geometric with ``p = bound / 2**64``, the ratio test's probability: drawn once
+        per sampled message, the countdown makes the same independent decisions, each
+        sampled with probability ``p``, as testing a fresh random trace id per message,
+        without drawing one. ``inf`` when nothing is sampled.
+        """
+        if self._bound <= 0:
+            return math.inf
+        # 1 - random() is in (0, 1]: floor(log(u) / log(1 - p)) is geometric, from 0.
+        return int(_log(1.0 - _random()) / self._log_keep)
+
+    def trace_id(self, sampled: bool) -> int:
+        """A random trace id whose ratio test says ``sampled``, uniform among those.
+
+        For the fast root path only; ``sampled`` must be possible at this ratio (the
+        countdown of :meth:`skips` only asks for what it can give).
+        """
+        bound = self._bound
+        low = _below(bound) if sampled else bound + _below(_ALL - bound)
+        # Never 0 (invalid): the high half changes, so the ratio test keeps its answer.
+        return ((_bits(64) << 64) | low) or _ALL
 
     def ids(
         self, parent: SpanContext | None, name: str, kind: SpanKind = SpanKind.CONSUMER
@@ -272,6 +321,17 @@ class _Backend:
         return trace_id, span_id, flags | _SAMPLED if sampled else flags, state
 
 
+def _below(n: int) -> int:
+    """A uniform random int in ``[0, n)``, ``n >= 1``: random bits, rejecting those >= n."""
+    if n == _ALL:
+        return _bits(64)
+    k = n.bit_length()
+    r = _bits(k)
+    while r >= n:  # fewer than 2 draws on average
+        r = _bits(k)
+    return r
+
+
 # -- per-connection state ------------------------------------------------------------------
 
 _PROCESS = "process"
@@ -290,6 +350,9 @@ _PARENT_FLAGS = {
     True: otlp.FLAG_HAS_IS_REMOTE | otlp.FLAG_IS_REMOTE,
 }
 _ERROR = StatusCode.ERROR.value
+#: Encoded size and type attributes of messages, by ``size * 2 + binary`` (bounded).
+_MESSAGE_ATTRS: dict[int, bytes] = {}
+_MAX_MESSAGE_ATTRS = 1024
 #: Client-view attributes: already anonymized or consented, not scrubbed again.
 _CLIENT_KEYS = ("client.address", "user.id")
 
@@ -297,13 +360,14 @@ _CLIENT_KEYS = ("client.address", "user.id")
 class _Constant:
     """Constant parts of one connection's spans of one operation, plain and encoded."""
 
-    __slots__ = ("attrs", "client", "encoded_attrs", "encoded_name", "name")
+    __slots__ = ("attrs", "client", "encoded_attrs", "encoded_name_kind", "name")
 
-    def __init__(self, name: str, attrs: dict[str, Any], client: Client) -> None:
+    def __init__(self, name: str, attrs: dict[str, Any], client: Client, operation: str) -> None:
         self.name = name
         self.attrs = attrs
         self.client = client
-        self.encoded_name = otlp.string_field(b"\x2a", name)
+        #: The ``name`` and ``kind`` fields, which follow each other in a ``Span``.
+        self.encoded_name_kind = otlp.string_field(b"\x2a", name) + _OPERATIONS[operation][1]
         self.encoded_attrs = otlp.attributes(otlp.SPAN_ATTRIBUTE, attrs)
 
 
@@ -319,6 +383,7 @@ class _Conn:
         "parent",
         "privacy",
         "quiet",
+        "skip",
     )
 
     def __init__(
@@ -345,21 +410,26 @@ class _Conn:
         self.constants: dict[str, _Constant] = {}
         #: Token of the unsampled context shared by this connection's unsampled messages.
         self.quiet: contextvars.Token[Context] | None = None
+        #: Root messages still to leave unsampled (:meth:`_Backend.skips`) when sampling
+        #: is the ratio test of random ids and messages have no parent; -1: not drawn
+        #: yet. Always 0 otherwise: every message takes the general path. While it is
+        #: positive, ``quiet`` is attached.
+        countdown = backend.fast_root_bound is not None and not backend.sample_all
+        self.skip: float = -1 if countdown and self.parent is None else 0
 
     def links(self, parent: SpanContext | None) -> tuple[Link, ...]:
         """Each span links to the handshake span, unless that is its parent."""
         hs = self.handshake
         return (Link(hs),) if hs is not None and hs is not parent else ()
 
-    def constant(self, record: ConnectionRecord, operation: str) -> _Constant:
-        const = self.constants.get(operation)
-        # ``grant``/``withdraw`` replace record.client: rebuild what depends on it.
-        if const is None or const.client is not record.client:
-            const = self.constants[operation] = _Constant(
-                self.names[operation],
-                _connection_attributes(record, self.privacy, operation),
-                record.client,
-            )
+    def rebuild(self, record: ConnectionRecord, operation: str) -> _Constant:
+        """(Re)build the constant parts of ``operation``'s spans, for ``record.client``."""
+        const = self.constants[operation] = _Constant(
+            self.names[operation],
+            _connection_attributes(record, self.privacy, operation),
+            record.client,
+            operation,
+        )
         return const
 
 
@@ -446,8 +516,11 @@ def _extracted(ctx: Context) -> SpanContext | None:
 
 # -- the sink ------------------------------------------------------------------------------
 
-#: What ``message_started`` hands to ``message_finished``: the context token, start (ns),
-#: trace id, span id, trace flags, parent, connection state, message, trace state.
+#: What ``message_started`` hands to ``message_finished`` for a message whose span has
+#: ids (sampled, or with a parent, a carrier or a sampler that had to be asked): the
+#: context token, start (ns), trace id, span id, trace flags, parent, connection state,
+#: message, trace state. Other tokens: ``None`` (no tracing on the connection), or the
+#: message itself for a root message the countdown left unsampled (nothing drawn).
 _Token = tuple[
     "contextvars.Token[Context]",
     int,
@@ -472,7 +545,9 @@ class TracingSink:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._slow = config.trace_slow_threshold
+        slow = config.trace_slow_threshold
+        #: Unsampled messages handled this long (seconds) or longer are kept.
+        self._keep_slower = math.inf if slow is None else slow
         self._in_connection_trace = config.trace_messages_in_connection_trace
         self._send = config.trace_sent_messages
         #: Read by the core: without send spans, sent messages need no call here.
@@ -620,6 +695,13 @@ class TracingSink:
         conn: _Conn | None = connection.context.get(_KEY)
         if conn is None:
             return None
+        skip = conn.skip
+        if skip > 0 and self._from_message is None:
+            # Most messages at a ratio: not sampled, and nothing to do. The connection's
+            # unsampled context is current, so the handler's spans are unsampled too.
+            # Should the message be kept anyway (slow, error), its ids are drawn then.
+            conn.skip = skip - 1
+            return message
         backend = conn.backend
         parent = conn.parent
         extra: Context | None = None
@@ -627,25 +709,41 @@ class TracingSink:
             extra = self._carrier(message)
             if extra is not None:
                 parent = _extracted(extra) or parent
-        bound = backend.fast_root_bound
-        if parent is None and bound is not None:
-            # The common case, inlined: a new trace, sampled by its id's ratio test.
-            trace_id = _bits(128) or 1
+        if parent is None and backend.fast_root_bound is not None:
+            # A new trace, sampled by the ratio test of a random id: the countdown
+            # decides, then the id is drawn among those the test gives that answer.
+            if backend.sample_all:
+                trace_id = _bits(128) or 1
+                flags = _RANDOM | _SAMPLED
+            else:
+                if skip < 0:
+                    skip = backend.skips()
+                sampled = not skip
+                skip = conn.skip = backend.skips() if sampled else skip - 1
+                if conn.quiet is None and (skip or not sampled):
+                    # Attached for good, under this message's own context if any: this
+                    # message or the next ones, unsampled, only need an unsampled
+                    # current span.
+                    quiet = _new_context(
+                        SpanContext,
+                        (
+                            backend.trace_id(False),
+                            _bits(64) or 1,
+                            False,
+                            _FLAGS[_RANDOM],
+                            _DEFAULT_STATE,
+                            True,
+                        ),
+                    )
+                    conn.quiet = _attach(
+                        Context({**_get_current(), _SPAN_KEY: NonRecordingSpan(quiet)})
+                    )
+                if not sampled and extra is None:
+                    return message
+                trace_id = backend.trace_id(sampled)
+                flags = _RANDOM | _SAMPLED if sampled else _RANDOM
             span_id = _bits(64) or 1
             state = _DEFAULT_STATE
-            if (trace_id & _TRACE_ID_MASK) >= bound and extra is None:
-                # Not sampled (most messages): the handler's spans only need an unsampled
-                # parent, so one context per connection serves every such message; it
-                # stays attached between messages and costs nothing per message. If the
-                # message is kept anyway (slow, error), it is exported on its own.
-                if conn.quiet is None:
-                    quiet = _new_context(
-                        SpanContext, (trace_id, span_id, False, _FLAGS[_RANDOM], state, True)
-                    )
-                    current = _get_current()
-                    conn.quiet = _attach(Context({**current, _SPAN_KEY: NonRecordingSpan(quiet)}))
-                return (None, _time_ns(), trace_id, span_id, _RANDOM, None, conn, message, state)
-            flags = _RANDOM | _SAMPLED if (trace_id & _TRACE_ID_MASK) < bound else _RANDOM
         else:
             trace_id, span_id, flags, state = backend.ids(parent, conn.names[_PROCESS])
         sc = _new_context(SpanContext, (trace_id, span_id, False, _FLAGS[flags], state, True))
@@ -693,22 +791,40 @@ class TracingSink:
         duration: float,
         error: BaseException | None,
     ) -> None:
-        if token is None:
-            return
-        ctx_token, start, trace_id, span_id, flags, parent, conn, message, state = cast(
-            _Token, token
-        )
-        # ValueError/RuntimeError: handling ended in another task or thread than it
-        # started in; there is nothing to restore there.
-        if ctx_token is not None:
-            with contextlib.suppress(ValueError, RuntimeError):
+        if token.__class__ is tuple:
+            # A context token: a span with ids, sampled or not (see _Token).
+            tok: _Token = token  # narrowed to a tuple above; cast() would cost a call
+            ctx_token, start, trace_id, span_id, flags, parent, conn, message, state = tok
+            # ValueError/RuntimeError: handling ended in another task or thread than it
+            # started in; there is nothing to restore there.
+            try:  # noqa: SIM105 - contextlib.suppress() costs two calls per message
                 _detach(ctx_token)
-        if not flags & _SAMPLED:
-            slow = self._slow
-            if error is None and (slow is None or duration < slow):
+            except (ValueError, RuntimeError):
+                pass
+            if not flags & _SAMPLED:
+                if error is None and duration < self._keep_slower:
+                    return
+                flags |= _SAMPLED  # kept although unsampled: an error, or slow
+            end = start + int(duration * 1e9)
+        else:
+            # None (no tracing here) or an unsampled message without ids: its payload.
+            if (error is None and duration < self._keep_slower) or token is None:
                 return
-            # Kept although unsampled: an error, or slower than trace_slow_threshold.
-            flags |= _SAMPLED
+            found: _Conn | None = connection.context.get(_KEY)
+            if found is None:  # pragma: no cover - the token came from this connection
+                return
+            # Kept although unsampled: an error, or slower than trace_slow_threshold. Its
+            # ids are drawn now; the handler's spans were under the connection's
+            # unsampled context, and are gone.
+            conn = found
+            message = cast("Data", token)
+            trace_id = conn.backend.trace_id(False)
+            span_id = _bits(64) or 1
+            flags = _RANDOM | _SAMPLED
+            parent = None
+            state = _DEFAULT_STATE
+            end = _time_ns()
+            start = end - int(duration * 1e9)
         _emit(
             connection,
             conn,
@@ -719,12 +835,12 @@ class TracingSink:
             parent,
             state,
             start,
-            start + int(duration * 1e9),
+            end,
             _body_size(message),
             not isinstance(message, str),
             error,
         )
-        connection.exemplar_trace_id = trace_id.to_bytes(16, "big").hex()
+        connection.exemplar_trace_id = trace_id.to_bytes(16, "big").hex()  # not f"{:032x}": 3x
 
     def message_sent(self, connection: ConnectionRecord, binary: bool, size: int) -> None:
         if not self._send:
@@ -772,48 +888,48 @@ def _emit(
 ) -> None:
     """Export one kept message span: pre-encoded when possible, else as an SDK span."""
     backend = conn.backend
-    const = conn.constant(connection, operation)
-    kind, encoded_kind = _OPERATIONS[operation]
+    const = conn.constants.get(operation)
+    # ``grant``/``withdraw`` replace record.client: rebuild what depends on it.
+    if const is None or const.client is not connection.client:
+        const = conn.rebuild(connection, operation)
     fast = backend.processor
     if fast is not None and fast.exclusive:
-        parts = [
-            const.encoded_attrs,
-            otlp.int_attribute(_SIZE_KEY, size),
-            _TYPE_ATTR[binary],
-            b"" if conn.handshake is parent else conn.link,
-        ]
-        if error is not None:
-            name = _exception_type(error)
-            parts.append(otlp.field(otlp.SPAN_ATTRIBUTE, otlp.key_value("error.type", name)))
-            parts.append(
-                otlp.event(
-                    "exception",
-                    end,
-                    _exception_attributes(error, connection.client, conn.privacy),
-                )
-            )
-            parts.append(otlp.status(_ERROR, name))
+        key = size * 2 + binary
+        message_attrs = _MESSAGE_ATTRS.get(key)
+        if message_attrs is None:
+            message_attrs = otlp.int_attribute(_SIZE_KEY, size) + _TYPE_ATTR[binary]
+            if len(_MESSAGE_ATTRS) < _MAX_MESSAGE_ATTRS:
+                _MESSAGE_ATTRS[key] = message_attrs
         if parent is None:
-            parent_id = 0
+            head = b""
+            link = conn.link
             flags |= otlp.FLAG_HAS_IS_REMOTE
         else:
-            parent_id = parent.span_id
+            head = otlp.parent_field(parent.span_id)
+            link = b"" if parent is conn.handshake else conn.link
             flags |= _PARENT_FLAGS[parent.is_remote]
+        if state is not _DEFAULT_STATE:
+            head = otlp.trace_state_field(state.to_header()) + head
+        if error is None:
+            rest: tuple[bytes, ...] = (const.encoded_attrs, message_attrs, link)
+        else:
+            name = _exception_type(error)
+            exc_attrs = _exception_attributes(error, connection.client, conn.privacy)
+            rest = (
+                const.encoded_attrs,
+                message_attrs,
+                otlp.field(otlp.SPAN_ATTRIBUTE, otlp.key_value("error.type", name)),
+                otlp.event("exception", end, exc_attrs),
+                link,
+                otlp.status(_ERROR, name),
+            )
         fast.offer_encoded(
-            otlp.span(
-                trace_id,
-                span_id,
-                parent_id,
-                const.encoded_name,
-                encoded_kind,
-                start,
-                end,
-                flags,
-                b"".join(parts),
-                "" if state is _DEFAULT_STATE else state.to_header(),
+            otlp.span_body(
+                trace_id, span_id, head, const.encoded_name_kind, start, end, rest, flags
             )
         )
         return
+    kind = _OPERATIONS[operation][0]
     attrs = dict(const.attrs)
     attrs["messaging.message.body.size"] = size
     attrs["websocket.message.type"] = "binary" if binary else "text"
