@@ -4,6 +4,10 @@ The hot path only bumps plain counters on each connection's record (see
 :mod:`ws_monitoring.core`); this module sums them when Prometheus scrapes. Per
 connection it costs a lock twice (open, close), never per message.
 
+A scrape by :func:`start_metrics_server` gets the sink's families as text written here
+(:class:`_Writer`), the same bytes prometheus_client would write, in a fraction of its
+time; any other reader of the registry gets ordinary metric families.
+
 In ``prometheus_client`` multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) a custom
 collector cannot be read by the process that serves ``/metrics``, so the same
 aggregates are written as deltas into mmap-backed ``prometheus_client`` metrics by
@@ -16,7 +20,9 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from itertools import accumulate
+from operator import add
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
@@ -30,9 +36,14 @@ from prometheus_client.utils import floatToGoString
 
 from . import multiprocess
 from .config import Config
-from .core import ConnectionRecord, HandshakeRecord, HistogramLayout
+from .core import ConnectionRecord, HandshakeRecord, HistogramLayout, sum_counts
 from .labels import close_code_label, handshake_status_label
-from .metrics_server import MetricsServer, start_metrics_server
+from .metrics_server import (
+    MetricsServer,
+    Prerendered,
+    direct_exposition_format,
+    start_metrics_server,
+)
 
 __all__ = ["MetricsServer", "MetricsSink", "Snapshot", "start_metrics_server"]
 
@@ -90,22 +101,24 @@ class RouteTotals:
             self.exemplars.update(record.exemplars)
 
     def add_all(self, records: list[ConnectionRecord]) -> None:
-        """:meth:`add` for many records at once: column sums in C, one list per route.
+        """:meth:`add` for many records at once, summed by :func:`core.sum_counts`.
 
-        A scrape with thousands of open connections spends its time here; adding them one
-        by one would build a new list per connection.
+        A scrape with thousands of open connections spends its time here: the core sums
+        the records' columns (in C when built) without a list per record.
         """
-        self.in_text += sum([r.in_text for r in records])
-        self.in_binary += sum([r.in_binary for r in records])
-        self.out_text += sum([r.out_text for r in records])
-        self.out_binary += sum([r.out_binary for r in records])
-        self.in_bytes += sum([r.in_bytes for r in records])
-        self.out_bytes += sum([r.out_bytes for r in records])
-        self.handling_sum += sum([r.handling_sum for r in records])
-        self.rtt_sum += sum([r.rtt_sum for r in records])
-        hs = [r.h for r in records if r.h is not None]
-        if hs:
-            self.h = list(map(sum, zip(self.h, *hs, strict=True)))
+        in_text, in_binary, out_text, out_binary, in_bytes, out_bytes, handling, rtt, h = (
+            sum_counts(records, len(self.h))
+        )
+        self.in_text += in_text
+        self.in_binary += in_binary
+        self.out_text += out_text
+        self.out_binary += out_binary
+        self.in_bytes += in_bytes
+        self.out_bytes += out_bytes
+        self.handling_sum += handling
+        self.rtt_sum += rtt
+        if h is not None:
+            self.h = list(map(add, self.h, h))
         for record in records:
             if record.exemplars:
                 self.exemplars.update(record.exemplars)
@@ -150,20 +163,12 @@ class MetricsSink:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.layout = HistogramLayout(config)
-        ns = config.namespace
-        self._names = {
-            "active": f"{ns}_connections_active",
-            "opened": f"{ns}_connections",
-            "conn_duration": f"{ns}_connection_duration_seconds",
-            "disconnections": f"{ns}_disconnections",
-            "handshake_failures": f"{ns}_handshake_failures",
-            "handshake_duration": f"{ns}_handshake_duration_seconds",
-            "messages": f"{ns}_messages",
-            "size": f"{ns}_message_size_bytes",
-            "duration": f"{ns}_message_duration_seconds",
-            "errors": f"{ns}_errors",
-            "rtt": f"{ns}_ping_rtt_seconds",
+        self._names = {key: f"{config.namespace}_{spec.suffix}" for key, spec in _SPECS.items()}
+        self._le: dict[str, tuple[str, ...]] = {
+            key: (*map(floatToGoString, getattr(config, attr)), "+Inf")
+            for key, attr in _BOUNDS.items()
         }
+        self._writer = _Writer()
         self._lock = threading.Lock()
         self._live: set[ConnectionRecord] = set()
         self._closed: dict[str, RouteTotals] = {}
@@ -295,8 +300,19 @@ class MetricsSink:
         return snap
 
     def collect(self) -> Iterator[Metric]:
-        """prometheus_client collector protocol: the metric families at this instant."""
-        return iter(self.families(self.snapshot()))
+        """prometheus_client collector protocol: the metric families at this instant.
+
+        During a scrape by :func:`start_metrics_server` that accepts it, one
+        :class:`~ws_monitoring.metrics_server.Prerendered` chunk (this sink's families
+        already written as exposition text) stands for them instead: same text, a fraction
+        of the cost (see :func:`~ws_monitoring.metrics_server.direct_exposition_format`).
+        """
+        snap = self.snapshot()
+        fmt = direct_exposition_format()
+        if fmt is not None:
+            text = self._writer.write(self._series(snap), openmetrics=fmt == "openmetrics")
+            return iter([Prerendered(text)])
+        return iter(self.families(snap))
 
     def describe(self) -> Iterable[Metric]:
         # Returning no description keeps registration cheap and lets two namespaces coexist.
@@ -304,133 +320,272 @@ class MetricsSink:
 
     def families(self, snap: Snapshot) -> list[Metric]:
         """Turn a snapshot into metric families (also used by the multiprocess bridge)."""
-        cfg, names, layout = self.config, self._names, self.layout
-        active = GaugeMetricFamily(names["active"], "Open WebSocket connections.", labels=["route"])
-        opened = CounterMetricFamily(
-            names["opened"],
-            "WebSocket connections opened (handshake done, handler started).",
-            labels=["route"],
-        )
-        for route, value in sorted(snap.active.items()):
-            active.add_metric([route], value)
-        for route, value in sorted(snap.opened.items()):
-            opened.add_metric([route], value)
+        out: list[Metric] = []
+        for family in self._series(snap):
+            spec = family.spec
+            labels = list(spec.labels)
+            metric: Metric
+            if spec.kind == "histogram":
+                metric = HistogramMetricFamily(family.name, spec.help, labels=labels)
+                for values, counts, total, exemplars in family.histograms:
+                    metric.add_metric(list(values), _buckets(family.le, counts, exemplars), total)
+            else:
+                kind = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+                metric = kind(family.name, spec.help, labels=labels)
+                for values, value in family.values:
+                    metric.add_metric(list(values), value)
+            out.append(metric)
+        return out
 
-        conn_duration = HistogramMetricFamily(
-            names["conn_duration"], "WebSocket connection lifetime in seconds.", labels=["route"]
-        )
-        for route, hist in sorted(snap.conn_duration.items()):
-            conn_duration.add_metric(
-                [route], _buckets(cfg.connection_duration_buckets, hist.counts), hist.sum
-            )
+    def _series(self, snap: Snapshot) -> list[_Family]:
+        """Every family of ``snap`` with its series, in exposition order.
 
-        disconnections = CounterMetricFamily(
-            names["disconnections"],
-            "WebSocket connections closed, by close code (3xxx/4xxx grouped).",
-            labels=["route", "code"],
-        )
-        for (route, code), value in sorted(snap.disconnections.items()):
-            disconnections.add_metric([route, code], value)
-
-        hs_failures = CounterMetricFamily(
-            names["handshake_failures"],
-            "Opening handshakes that did not open a connection, by HTTP status or failure.",
-            labels=["status"],
-        )
-        for status, value in sorted(snap.handshake_failures.items()):
-            hs_failures.add_metric([status], value)
-        hs_duration = HistogramMetricFamily(
-            names["handshake_duration"], "Opening handshake time in seconds."
-        )
-        hs_duration.add_metric(
-            [],
-            _buckets(cfg.handshake_buckets, snap.handshake_duration.counts),
-            snap.handshake_duration.sum,
-        )
-
-        messages = CounterMetricFamily(
-            names["messages"],
-            "WebSocket messages, by direction and frame type.",
-            labels=["route", "direction", "type"],
-        )
-        size = HistogramMetricFamily(
-            names["size"],
-            "WebSocket message payload size in bytes (UTF-8 for text, before compression).",
-            labels=["route", "direction"],
-        )
-        duration = HistogramMetricFamily(
-            names["duration"],
-            "Message handling time in seconds: from recv() returning it to the next recv().",
-            labels=["route"],
-        )
-        rtt = HistogramMetricFamily(
-            names["rtt"], "Ping round-trip time in seconds.", labels=["route"]
-        )
-        n_size = len(cfg.size_buckets) + 1
-        n_duration = len(cfg.duration_buckets) + 1
-        for route, t in sorted(snap.routes.items()):
-            messages.add_metric([route, "received", "text"], t.in_text)
-            messages.add_metric([route, "received", "binary"], t.in_binary)
-            messages.add_metric([route, "sent", "text"], t.out_text)
-            messages.add_metric([route, "sent", "binary"], t.out_binary)
-            h = t.h
-            size.add_metric(
-                [route, "received"],
-                _buckets(cfg.size_buckets, h[layout.size_in : layout.size_in + n_size]),
-                t.in_bytes,
-            )
-            size.add_metric(
-                [route, "sent"],
-                _buckets(cfg.size_buckets, h[layout.size_out : layout.size_out + n_size]),
-                t.out_bytes,
-            )
-            duration.add_metric(
-                [route],
-                _buckets(
-                    cfg.duration_buckets,
-                    h[layout.duration : layout.duration + n_duration],
-                    t.exemplars,
-                ),
-                t.handling_sum,
-            )
-            rtt.add_metric(
-                [route], _buckets(cfg.rtt_buckets, h[layout.rtt : layout.length]), t.rtt_sum
-            )
-
-        errors = CounterMetricFamily(
-            names["errors"], "WebSocket errors, by type.", labels=["route", "type"]
-        )
-        for (route, kind), value in sorted(snap.errors.items()):
-            errors.add_metric([route, kind], value)
-
-        return [
-            active,
-            opened,
-            conn_duration,
-            disconnections,
-            hs_failures,
-            hs_duration,
-            messages,
-            size,
-            duration,
-            errors,
-            rtt,
+        The one mapping from a snapshot to series: :meth:`families` and the direct text
+        writer both read it, so both outputs hold the same samples.
+        """
+        cfg, layout = self.config, self.layout
+        fams = {
+            key: _Family(spec, self._names[key], self._le.get(key, ()))
+            for key, spec in _SPECS.items()
+        }
+        fams["active"].values = [((route,), value) for route, value in sorted(snap.active.items())]
+        fams["opened"].values = [((route,), value) for route, value in sorted(snap.opened.items())]
+        fams["conn_duration"].histograms = [
+            ((route,), hist.counts, hist.sum, None)
+            for route, hist in sorted(snap.conn_duration.items())
         ]
+        fams["disconnections"].values = sorted(snap.disconnections.items())
+        fams["handshake_failures"].values = [
+            ((status,), value) for status, value in sorted(snap.handshake_failures.items())
+        ]
+        fams["handshake_duration"].histograms = [
+            ((), snap.handshake_duration.counts, snap.handshake_duration.sum, None)
+        ]
+        messages, size = fams["messages"].values, fams["size"].histograms
+        duration, rtt = fams["duration"].histograms, fams["rtt"].histograms
+        size_in, size_out = layout.size_in, layout.size_out
+        n_size = len(cfg.size_buckets) + 1
+        start, end = layout.duration, layout.duration + len(cfg.duration_buckets) + 1
+        for route, t in sorted(snap.routes.items()):
+            messages += [
+                ((route, "received", "text"), t.in_text),
+                ((route, "received", "binary"), t.in_binary),
+                ((route, "sent", "text"), t.out_text),
+                ((route, "sent", "binary"), t.out_binary),
+            ]
+            h = t.h
+            size.append(((route, "received"), h[size_in : size_in + n_size], t.in_bytes, None))
+            size.append(((route, "sent"), h[size_out : size_out + n_size], t.out_bytes, None))
+            duration.append(((route,), h[start:end], t.handling_sum, t.exemplars))
+            rtt.append(((route,), h[layout.rtt : layout.length], t.rtt_sum, None))
+        fams["errors"].values = sorted(snap.errors.items())
+        return list(fams.values())
+
+
+class _Spec(NamedTuple):
+    """What a metric family is, whatever its namespace."""
+
+    #: Name after ``{namespace}_`` (counters without ``_total``).
+    suffix: str
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    labels: tuple[str, ...]
+
+
+#: The families of a sink, in exposition order, keyed by what they count.
+_SPECS: dict[str, _Spec] = {
+    "active": _Spec("connections_active", "gauge", "Open WebSocket connections.", ("route",)),
+    "opened": _Spec(
+        "connections",
+        "counter",
+        "WebSocket connections opened (handshake done, handler started).",
+        ("route",),
+    ),
+    "conn_duration": _Spec(
+        "connection_duration_seconds",
+        "histogram",
+        "WebSocket connection lifetime in seconds.",
+        ("route",),
+    ),
+    "disconnections": _Spec(
+        "disconnections",
+        "counter",
+        "WebSocket connections closed, by close code (3xxx/4xxx grouped).",
+        ("route", "code"),
+    ),
+    "handshake_failures": _Spec(
+        "handshake_failures",
+        "counter",
+        "Opening handshakes that did not open a connection, by HTTP status or failure.",
+        ("status",),
+    ),
+    "handshake_duration": _Spec(
+        "handshake_duration_seconds", "histogram", "Opening handshake time in seconds.", ()
+    ),
+    "messages": _Spec(
+        "messages",
+        "counter",
+        "WebSocket messages, by direction and frame type.",
+        ("route", "direction", "type"),
+    ),
+    "size": _Spec(
+        "message_size_bytes",
+        "histogram",
+        "WebSocket message payload size in bytes (UTF-8 for text, before compression).",
+        ("route", "direction"),
+    ),
+    "duration": _Spec(
+        "message_duration_seconds",
+        "histogram",
+        "Message handling time in seconds: from recv() returning it to the next recv().",
+        ("route",),
+    ),
+    "errors": _Spec("errors", "counter", "WebSocket errors, by type.", ("route", "type")),
+    "rtt": _Spec("ping_rtt_seconds", "histogram", "Ping round-trip time in seconds.", ("route",)),
+}
+
+#: Config attribute holding each histogram's bucket bounds.
+_BOUNDS = {
+    "conn_duration": "connection_duration_buckets",
+    "handshake_duration": "handshake_buckets",
+    "size": "size_buckets",
+    "duration": "duration_buckets",
+    "rtt": "rtt_buckets",
+}
+
+_Exemplars = dict[int, tuple[str, float, float]]
+#: One series of a counter or gauge: label values (in the spec's order) and value.
+_Value = tuple[tuple[str, ...], float]
+#: One series of a histogram: label values, per-bucket counts (+Inf last, not
+#: cumulative), sum, and exemplars by bucket index.
+_HistogramValue = tuple[tuple[str, ...], Sequence[int], float, _Exemplars | None]
+
+
+class _Family:
+    """One family's series at one instant (``values`` or, for histograms, ``histograms``)."""
+
+    __slots__ = ("histograms", "le", "name", "spec", "values")
+
+    def __init__(self, spec: _Spec, name: str, le: tuple[str, ...]) -> None:
+        self.spec = spec
+        self.name = name
+        #: Histograms: every bucket's ``le`` label value, ``"+Inf"`` last.
+        self.le = le
+        self.values: list[_Value] = []
+        self.histograms: list[_HistogramValue] = []
+
+
+def _escape(value: str) -> str:
+    """A label value (or OpenMetrics HELP text) as both text formats quote it."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _value_line(value: float) -> str:
+    """``floatToGoString(value)`` ending a sample line: how both formats print a value.
+
+    Counts are ints, and an int below 10**6 prints as ``repr(float(value))`` (the
+    exponent form starts at 10**6): that common case skips the float conversion, the
+    NaN/Inf tests and ``repr``.
+    """
+    if type(value) is int and 0 <= value < 1_000_000:
+        return f"{value}.0\n"
+    return f"{floatToGoString(value)}\n"  # type: ignore[no-untyped-call]
+
+
+class _Writer:
+    """Writes a sink's families in the Prometheus text format or OpenMetrics 1.0.0.
+
+    The output is byte for byte what prometheus_client's ``generate_latest`` (or its
+    OpenMetrics twin, without ``# EOF``) writes for :meth:`MetricsSink.families`, for
+    names that need no escaping (the namespace is checked by :class:`Config`). Sample
+    lines start with a prefix (name and sorted, escaped labels) that depends only on the
+    family and the label values: prefixes are kept between scrapes. Their number is the
+    number of series, which bounded labels keep bounded (``max_routes``).
+    """
+
+    def __init__(self) -> None:
+        self._headers: dict[tuple[str, bool], str] = {}
+        self._prefixes: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+
+    def write(self, families: list[_Family], *, openmetrics: bool) -> str:
+        """``families`` as exposition text (OpenMetrics without its final ``# EOF``)."""
+        out: list[str] = []
+        for family in families:
+            out.append(self._header(family, openmetrics))
+            if family.spec.kind != "histogram":
+                for values, value in family.values:
+                    out.append(self._series_prefixes(family, values)[0] + _value_line(value))
+                continue
+            # prometheus_client leaves out _count and _sum when a bucket bound is negative.
+            with_totals = float(family.le[0]) >= 0
+            for values, counts, total, exemplars in family.histograms:
+                prefixes = self._series_prefixes(family, values)
+                lines = list(map(_value_line, accumulate(counts)))
+                count_line = lines[-1]
+                if exemplars and openmetrics:
+                    for index, (trace_id, value, ts) in exemplars.items():
+                        lines[index] = (
+                            f'{lines[index][:-1]} # {{trace_id="{_escape(trace_id)}"}} '
+                            f"{floatToGoString(value)} {ts}\n"  # type: ignore[no-untyped-call]
+                        )
+                out += map(add, prefixes, lines)  # stops after the bucket prefixes
+                if with_totals:
+                    out.append(prefixes[-2] + count_line)
+                    out.append(prefixes[-1] + _value_line(total))
+        return "".join(out)
+
+    def _header(self, family: _Family, openmetrics: bool) -> str:
+        key = (family.name, openmetrics)
+        header = self._headers.get(key)
+        if header is None:
+            spec = family.spec
+            if openmetrics:
+                name, text = family.name, _escape(spec.help)
+            else:
+                # The text format names a counter family after its samples (``_total``)
+                # and escapes no quote in HELP.
+                name = family.name + "_total" if spec.kind == "counter" else family.name
+                text = spec.help.replace("\\", r"\\").replace("\n", r"\n")
+            header = self._headers[key] = f"# HELP {name} {text}\n# TYPE {name} {spec.kind}\n"
+        return header
+
+    def _series_prefixes(self, family: _Family, values: tuple[str, ...]) -> tuple[str, ...]:
+        """Line prefixes of one series: its sample (or each bucket, then _count, _sum)."""
+        key = (family.name, values)
+        prefixes = self._prefixes.get(key)
+        if prefixes is None:
+            spec, name = family.spec, family.name
+            labels = list(zip(spec.labels, values, strict=True))
+            if spec.kind == "histogram":
+                prefixes = (
+                    *(_prefix(f"{name}_bucket", [*labels, ("le", le)]) for le in family.le),
+                    _prefix(f"{name}_count", labels),
+                    _prefix(f"{name}_sum", labels),
+                )
+            else:
+                prefixes = (_prefix(name + "_total" if spec.kind == "counter" else name, labels),)
+            self._prefixes[key] = prefixes
+        return prefixes
+
+
+def _prefix(sample: str, labels: list[tuple[str, str]]) -> str:
+    """``name{label="value",...} ``: labels sorted by name, as prometheus_client does."""
+    if not labels:
+        return sample + " "
+    return sample + "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels)) + "} "
 
 
 def _buckets(
-    bounds: Sequence[float],
+    le: Sequence[str],
     counts: Sequence[int],
-    exemplars: dict[int, tuple[str, float, float]] | None = None,
+    exemplars: _Exemplars | None = None,
 ) -> list[Any]:
     """Cumulative ``(le, count[, exemplar])`` pairs from per-bucket counts."""
     out: list[Any] = []
-    total = 0
-    for index, le in enumerate([*(floatToGoString(b) for b in bounds), "+Inf"]):  # type: ignore[no-untyped-call]
-        total += counts[index]
+    for index, (bound, total) in enumerate(zip(le, accumulate(counts), strict=True)):
         if exemplars and index in exemplars:
             trace_id, value, ts = exemplars[index]
-            out.append((le, total, Exemplar({"trace_id": trace_id}, value, ts)))
+            out.append((bound, total, Exemplar({"trace_id": trace_id}, value, ts)))
         else:
-            out.append((le, total))
+            out.append((bound, total))
     return out

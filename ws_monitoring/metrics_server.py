@@ -2,6 +2,13 @@
 
 It runs in daemon threads, one per request, so a client that never finishes its request
 cannot hold up other scrapes, and nothing it does touches the WebSocket event loop.
+
+prometheus_client formats a scrape one sample at a time (a dict of labels, a sort, an
+escape and a float conversion per sample): with thousands of connections that was most
+of a scrape's time. A collector that can write its own families as exposition text
+(:class:`~ws_monitoring.metrics.MetricsSink`) does so during this server's scrapes (see
+:func:`direct_exposition_format`); prometheus_client still formats every other collector
+of the registry, in registration order.
 """
 
 from __future__ import annotations
@@ -13,15 +20,58 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import ALLOWUTF8, UNDERSCORES
+from prometheus_client.registry import Collector
 
-__all__ = ["MetricsServer", "MetricsServerError", "start_metrics_server"]
+__all__ = [
+    "MetricsServer",
+    "MetricsServerError",
+    "Prerendered",
+    "direct_exposition_format",
+    "start_metrics_server",
+]
+
+ExpositionFormat = Literal["text", "openmetrics"]
+
+#: The format of the scrape this thread is encoding, when collectors may prerender it.
+_DIRECT_FORMAT: ContextVar[ExpositionFormat | None] = ContextVar(
+    "ws_monitoring_direct_exposition_format", default=None
+)
+
+
+def direct_exposition_format() -> ExpositionFormat | None:
+    """The format a collector may write itself, or None: yield ordinary families.
+
+    Not None only inside a collector's ``collect()`` called by this server's scrape:
+    ``"text"`` for the Prometheus text format, ``"openmetrics"`` for OpenMetrics 1.0.0.
+    The collector may then yield one :class:`Prerendered` holding exactly what
+    prometheus_client would write for its families in that format (OpenMetrics without
+    the final ``# EOF``). It is only asked for escaping schemes that leave valid legacy
+    metric and label names unchanged (``underscores``, ``allow-utf-8``); its names must
+    be such names.
+    """
+    return _DIRECT_FORMAT.get()
+
+
+class Prerendered(Metric):
+    """Families a collector already wrote as exposition text.
+
+    See :func:`direct_exposition_format`; only this server's scrapes understand it.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__("ws_monitoring_prerendered", "Prerendered exposition text.", "unknown")
+        self.text = text
+
 
 #: Seconds a metrics client may take to send its request before it is dropped.
 REQUEST_TIMEOUT = 10.0
@@ -103,9 +153,10 @@ class _Handler(BaseHTTPRequestHandler):
                     401, b"Unauthorized\n", extra={"WWW-Authenticate": f'{scheme} realm="metrics"'}
                 )
                 return
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
-                body = _without_gc(encoder, self.server.registry)
+                body, content_type = _without_gc(
+                    self.server.registry, self.headers.get("Accept", "")
+                )
             except Exception as exc:  # a broken collector must not kill the server
                 self._send(500, f"error collecting metrics: {exc!r}\n".encode())
                 return
@@ -116,8 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-def _without_gc(encoder: Any, registry: CollectorRegistry) -> bytes:
-    """``encoder(registry)`` with the cyclic GC paused.
+def _without_gc(registry: Collector, accept: str) -> tuple[bytes, str]:
+    """:func:`_encode` with the cyclic GC paused.
 
     A scrape of thousands of series allocates enough short-lived objects to trigger full
     collections, which walk every object of the process while holding the GIL: with
@@ -127,11 +178,76 @@ def _without_gc(encoder: Any, registry: CollectorRegistry) -> bytes:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        body: bytes = encoder(registry)
-        return body
+        return _encode(registry, accept)
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _encode(registry: Collector, accept: str) -> tuple[bytes, str]:
+    """The exposition of ``registry`` for a request's ``Accept`` header, and its content type.
+
+    prometheus_client negotiates the format; in the formats collectors may prerender
+    (:func:`direct_exposition_format`), their :class:`Prerendered` text goes out as is,
+    between what prometheus_client writes for the other families, in collection order.
+    """
+    encoder, content_type = choose_encoder(accept)
+    # Only a CollectorRegistry passes collectors' families through untouched; another
+    # collector (a RestrictedRegistry, for one) may filter or rewrite their samples.
+    fmt = _direct_format(content_type) if isinstance(registry, CollectorRegistry) else None
+    if fmt is None:
+        return encoder(registry), content_type
+    parts: list[bytes] = []
+    others: list[Metric] = []
+
+    def format_others() -> None:
+        if others:
+            text = encoder(_Collected(others))
+            # The OpenMetrics encoder ends its output; the scrape ends once, below.
+            parts.append(text.removesuffix(b"# EOF\n") if fmt == "openmetrics" else text)
+            others.clear()
+
+    token = _DIRECT_FORMAT.set(fmt)
+    try:
+        for metric in registry.collect():
+            if isinstance(metric, Prerendered):
+                format_others()
+                parts.append(metric.text.encode())
+            else:
+                others.append(metric)
+    finally:
+        _DIRECT_FORMAT.reset(token)
+    format_others()
+    if fmt == "openmetrics":
+        parts.append(b"# EOF\n")
+    return b"".join(parts), content_type
+
+
+def _direct_format(content_type: str) -> ExpositionFormat | None:
+    """The prerenderable format ``content_type`` (from ``choose_encoder``) names, if any.
+
+    Not for name escapings that rewrite valid names (``dots``, ``values``), nor for
+    OpenMetrics versions other than 1.0.0: prometheus_client formats those.
+    """
+    media, *params = (part.strip() for part in content_type.split(";"))
+    options = dict(param.partition("=")[::2] for param in params)
+    if options.get("escaping", UNDERSCORES) not in (UNDERSCORES, ALLOWUTF8):
+        return None
+    if media == "text/plain":
+        return "text"
+    if media == "application/openmetrics-text" and options.get("version") == "1.0.0":
+        return "openmetrics"
+    return None
+
+
+class _Collected:
+    """Families already collected, as a collector prometheus_client's encoders can read."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 class MetricsServer:
