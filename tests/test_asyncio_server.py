@@ -18,6 +18,9 @@ from websockets.http11 import Request, Response
 
 from tests.helpers.scrape import Samples
 from tests.helpers.servers import RawClient, async_server, async_wait_until, settled
+from ws_monitoring.asyncio_server import RECORD_ATTR
+from ws_monitoring.core import ConnectionRecord
+from ws_monitoring.typing import NOT_SAMPLED
 
 
 def messages(samples: Samples, route: str, direction: str, kind: str) -> float | None:
@@ -507,3 +510,80 @@ async def test_recv_timeouts_tasks_and_cancellation_behave_as_on_a_bare_server(
     )
     # Four messages handed to the handler, four handling times.
     assert samples["websocket_message_duration_seconds_count", {"route": "/r"}] == 4
+
+
+class _SamplingSink:
+    """One message sink, dispatched by the core (in C when built): records its calls."""
+
+    keep_threshold = 0.05
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def handshake_finished(self, handshake: Any) -> None: ...
+    def connection_opened(self, connection: Any) -> None: ...
+    def handler_failed(self, connection: Any, exc: BaseException) -> None: ...
+    def connection_closed(self, connection: Any) -> None: ...
+    def shutdown(self, timeout: float) -> None: ...
+    def message_sent(self, connection: Any, binary: bool, size: int) -> None: ...
+
+    def message_started(self, connection: Any, message: Any) -> object:
+        self.calls.append(("started", message))
+        if message == "boom-start":
+            raise RuntimeError("started broke")
+        return NOT_SAMPLED if message.startswith("q") else f"token {message}"
+
+    def message_finished(
+        self, connection: Any, token: object, duration: float, error: BaseException | None
+    ) -> None:
+        self.calls.append(("finished", token))
+        if token == "token boom-finish":
+            raise RuntimeError("finished broke")
+        if token == "token exemplar":
+            connection.exemplar_trace_id = "ab" * 16
+
+
+async def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = _SamplingSink()
+    records: list[ConnectionRecord] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        records.append(getattr(ws, RECORD_ATTR))
+        async for message in ws:
+            if "slow" in str(message):
+                await asyncio.sleep(0.1)
+            await ws.send(message)
+
+    messages = ["a", "q", "qslow", "boom-start", "boom-finish", "exemplar", "b"]
+    async with (
+        async_server(
+            handler, monitoring={"registry": registry, "sinks": [sink], "tracing": False}
+        ) as srv,
+        connect(srv.url("/s")) as client,
+    ):
+        for message in messages:
+            await client.send(message)
+            assert await client.recv() == message
+    [record] = records
+    finished = [token for call, token in sink.calls if call == "finished"]
+    # Not sampled and quick: no call; not sampled but slow: called with the message;
+    # a failed message_started: finished with None; "b" is finished when the handler ends.
+    assert finished == [
+        "token a",
+        "qslow",
+        None,
+        "token boom-finish",
+        "token exemplar",
+        "token b",
+    ]
+    assert [token for call, token in sink.calls if call == "started"] == messages
+    failures = [r.getMessage() for r in caplog.records if "ws_monitoring sink" in r.getMessage()]
+    assert failures == [
+        "ws_monitoring sink _SamplingSink.message_started failed",
+        "ws_monitoring sink _SamplingSink.message_finished failed",
+    ]
+    assert all(r.exc_info for r in caplog.records if "ws_monitoring sink" in r.getMessage())
+    assert record.exemplars is not None
+    assert ("ab" * 16) in [e[0] for e in record.exemplars.values()]

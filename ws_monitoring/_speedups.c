@@ -22,7 +22,7 @@
 static PyObject *op_text, *op_binary, *op_cont, *op_ping, *op_pong, *op_close;
 static PyObject *str_opcode, *str_data, *str_fin, *str_rsv1, *str_rsv2, *str_rsv3;
 static PyObject *str_pong, *str_ping, *str_close_frame, *str_message_done, *str_message_handed;
-static PyObject *str_throw, *str_close;
+static PyObject *str_throw, *str_close, *str_message_started, *str_message_finished;
 
 /* -- Layout: the histogram layout and bucket bounds shared by a monitor's records -- */
 
@@ -40,6 +40,10 @@ typedef struct {
     Py_ssize_t off_out, off_duration, off_rtt, length;
     PyObject *on_sent;            /* callable(record, binary, size) or NULL */
     int message_sinks;            /* do sinks want message_handed/message_done calls? */
+    PyObject *message_sink;       /* the only message sink: called from here, or NULL */
+    double keep_threshold;        /* its keep_threshold (see NOT_SAMPLED); < 0: none */
+    PyObject *sink_failed;        /* callable(sink, method, exc): logs a sink's error */
+    PyObject *not_sampled;        /* the NOT_SAMPLED sentinel */
 } LayoutObject;
 
 static int
@@ -89,12 +93,26 @@ read_offset(PyObject *layout, const char *name)
 static int
 Layout_init(LayoutObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"layout", "size_table", "on_sent", "message_sinks", NULL};
+    static char *kwlist[] = {"layout", "size_table", "on_sent", "message_sinks", "message_sink",
+                             "keep_threshold", "sink_failed", "not_sampled", NULL};
     PyObject *layout, *table, *on_sent;
+    PyObject *message_sink = Py_None, *keep = Py_None, *sink_failed = Py_None;
+    PyObject *not_sampled = Py_None;
     int message_sinks = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OSO|p:Layout", kwlist, &layout, &table,
-                                     &on_sent, &message_sinks))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OSO|p$OOOO:Layout", kwlist, &layout, &table,
+                                     &on_sent, &message_sinks, &message_sink, &keep,
+                                     &sink_failed, &not_sampled))
         return -1;
+    if (message_sink != Py_None && (!PyCallable_Check(sink_failed) || not_sampled == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "a message_sink needs sink_failed and not_sampled");
+        return -1;
+    }
+    self->keep_threshold = -1.0;
+    if (keep != Py_None) {
+        self->keep_threshold = PyFloat_AsDouble(keep);
+        if (self->keep_threshold == -1.0 && PyErr_Occurred()) return -1;
+        if (self->keep_threshold < 0) self->keep_threshold = 0.0;
+    }
     if (self->table_obj != NULL) {
         PyErr_SetString(PyExc_TypeError, "Layout is already initialized");
         return -1;
@@ -116,6 +134,11 @@ Layout_init(LayoutObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->message_sinks = message_sinks;
+    if (message_sink != Py_None) {
+        self->message_sink = Py_NewRef(message_sink);
+        self->sink_failed = Py_NewRef(sink_failed);
+        self->not_sampled = Py_NewRef(not_sampled);
+    }
     Py_INCREF(table);
     self->table_obj = table;
     self->table = (const unsigned char *)PyBytes_AS_STRING(table);
@@ -142,6 +165,9 @@ Layout_dealloc(LayoutObject *self)
 {
     Py_XDECREF(self->table_obj);
     Py_XDECREF(self->on_sent);
+    Py_XDECREF(self->message_sink);
+    Py_XDECREF(self->sink_failed);
+    Py_XDECREF(self->not_sampled);
     PyMem_Free(self->size_bounds);
     PyMem_Free(self->duration_bounds);
     PyMem_Free(self->rtt_bounds);
@@ -151,8 +177,9 @@ Layout_dealloc(LayoutObject *self)
 static PyTypeObject LayoutType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ws_monitoring._speedups.Layout",
-    .tp_doc = PyDoc_STR("Layout(layout, size_table, on_sent, message_sinks=False): bucket "
-                        "bounds and offsets, and what the sinks want."),
+    .tp_doc = PyDoc_STR("Layout(layout, size_table, on_sent, message_sinks=False, *, "
+                        "message_sink=None, keep_threshold=None, sink_failed=None, "
+                        "not_sampled=None): bucket bounds and offsets, and the sinks."),
     .tp_basicsize = sizeof(LayoutObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -170,7 +197,9 @@ typedef struct {
     double handling_sum, rtt_sum;
     double handling_start;        /* perf_counter() when the handler got its message, or 0 */
     Py_ssize_t in_size, out_size; /* bytes so far of a fragmented message */
-    char in_op_binary, out_op_binary, fragmented;
+    PyObject *tokens;             /* what message_started returned (see core.py) */
+    PyObject *exemplar_trace_id;  /* set by a tracing sink for a kept span */
+    char in_op_binary, out_op_binary, fragmented, token_deferred;
 } CountsObject;
 
 /* bisect_left(bounds, x): the first index whose bound is >= x (n when none is). */
@@ -217,10 +246,29 @@ Counts_init(CountsObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static int
+Counts_traverse(CountsObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->layout);
+    Py_VISIT(self->tokens);
+    Py_VISIT(self->exemplar_trace_id);
+    return 0;
+}
+
+static int
+Counts_clear(CountsObject *self)
+{
+    Py_CLEAR(self->tokens);
+    Py_CLEAR(self->exemplar_trace_id);
+    return 0;
+}
+
 static void
 Counts_dealloc(CountsObject *self)
 {
-    Py_XDECREF(self->layout);
+    PyObject_GC_UnTrack(self);
+    Counts_clear(self);
+    Py_CLEAR(self->layout);
     PyMem_Free(self->h);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -425,6 +473,68 @@ typedef struct {
 
 static PyTypeObject TimedType;
 
+/* A sink raised: log it (core._sink_error) and carry on, as the Python core does. */
+static void
+sink_failed(LayoutObject *layout, PyObject *method)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+    PyObject *args[3] = {layout->message_sink, method, value != NULL ? value : Py_None};
+    PyObject *r = PyObject_Vectorcall(layout->sink_failed, args, 3, NULL);
+    if (r == NULL) PyErr_WriteUnraisable(layout->sink_failed);
+    Py_XDECREF(r);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+/* The only message sink's message_started, as ConnectionRecord.message_handed. */
+static void
+single_started(CountsObject *record, PyObject *message)
+{
+    LayoutObject *layout = record->layout;
+    /* args[0] is scratch space for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET). */
+    PyObject *args[4] = {NULL, layout->message_sink, (PyObject *)record, message};
+    PyObject *token = PyObject_VectorcallMethod(
+        str_message_started, args + 1, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (token == NULL) {
+        sink_failed(layout, str_message_started);
+        token = Py_NewRef(Py_None);
+    }
+    char deferred = token == layout->not_sampled;
+    if (deferred) Py_SETREF(token, Py_NewRef(message));
+    Py_XSETREF(record->tokens, token);
+    record->token_deferred = deferred;
+}
+
+/* The only message sink's message_finished, as ConnectionRecord.message_done(None). */
+static int
+single_finished(CountsObject *record, double duration)
+{
+    LayoutObject *layout = record->layout;
+    PyObject *token = record->tokens != NULL ? record->tokens : Py_NewRef(Py_None);
+    record->tokens = NULL;
+    char deferred = record->token_deferred;
+    record->token_deferred = 0;
+    if (!deferred || (layout->keep_threshold >= 0 && duration >= layout->keep_threshold)) {
+        PyObject *d = PyFloat_FromDouble(duration);
+        if (d == NULL) {
+            Py_DECREF(token);
+            return -1;
+        }
+        PyObject *args[6] = {NULL, layout->message_sink, (PyObject *)record, token, d, Py_None};
+        PyObject *r = PyObject_VectorcallMethod(
+            str_message_finished, args + 1, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(d);
+        if (r == NULL) sink_failed(layout, str_message_finished);
+        Py_XDECREF(r);
+    }
+    Py_DECREF(token);
+    return 0;
+}
+
 /* The handler got ``message``: handling starts now. */
 static int
 timed_done(TimedObject *self, PyObject *message)
@@ -432,6 +542,11 @@ timed_done(TimedObject *self, PyObject *message)
     CountsObject *record = self->record;
     if (!record->layout->message_sinks) {
         record->handling_start = perf_counter();
+        return 0;
+    }
+    if (record->layout->message_sink != NULL) {
+        record->handling_start = perf_counter();
+        single_started(record, message);
         return 0;
     }
     PyObject *r = PyObject_CallMethodOneArg((PyObject *)record, str_message_handed, message);
@@ -615,12 +730,13 @@ Counts_timed(CountsObject *self, PyObject *inner)
 {
     double start = self->handling_start;
     if (start != 0.0) {
-        if (!self->layout->message_sinks) {
-            /* Handling of the previous message ends: message_done() with nothing to do
-             * but the histogram. */
+        LayoutObject *layout = self->layout;
+        if (!layout->message_sinks || layout->message_sink != NULL) {
+            /* Handling of the previous message ends: message_done(), in C. */
             double duration = perf_counter() - start;
             self->handling_start = 0.0;
-            LayoutObject *layout = self->layout;
+            if (layout->message_sink != NULL && single_finished(self, duration) < 0)
+                return NULL;
             unsigned long long *h = histogram(self);
             if (h == NULL) return NULL;
             Py_ssize_t bucket = duration <= layout->duration_bounds[0]
@@ -628,6 +744,12 @@ Counts_timed(CountsObject *self, PyObject *inner)
                 : bisect_left(layout->duration_bounds, layout->n_duration, duration);
             h[layout->off_duration + bucket]++;
             self->handling_sum += duration;
+            if (self->exemplar_trace_id != NULL && self->exemplar_trace_id != Py_None) {
+                PyObject *r = PyObject_CallMethod(
+                    (PyObject *)self, "_exemplar", "nd", bucket, duration);
+                if (r == NULL) return NULL;
+                Py_DECREF(r);
+            }
         }
         else {
             PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_message_done);
@@ -685,6 +807,9 @@ static PyMemberDef Counts_members[] = {
     {"handling_sum", T_DOUBLE, offsetof(CountsObject, handling_sum), 0, NULL},
     {"rtt_sum", T_DOUBLE, offsetof(CountsObject, rtt_sum), 0, NULL},
     {"handling_start", T_DOUBLE, offsetof(CountsObject, handling_start), 0, NULL},
+    {"tokens", T_OBJECT, offsetof(CountsObject, tokens), 0, NULL},
+    {"exemplar_trace_id", T_OBJECT, offsetof(CountsObject, exemplar_trace_id), 0, NULL},
+    {"token_deferred", T_BOOL, offsetof(CountsObject, token_deferred), 0, NULL},
     {NULL},
 };
 
@@ -699,9 +824,11 @@ static PyTypeObject CountsType = {
     .tp_name = "ws_monitoring._speedups.Counts",
     .tp_doc = PyDoc_STR("Counts(layout): one connection's counters; base of ConnectionRecord."),
     .tp_basicsize = sizeof(CountsObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Counts_init,
+    .tp_traverse = (traverseproc)Counts_traverse,
+    .tp_clear = (inquiry)Counts_clear,
     .tp_dealloc = (destructor)Counts_dealloc,
     .tp_methods = Counts_methods,
     .tp_members = Counts_members,
@@ -824,6 +951,8 @@ PyInit__speedups(void)
         intern(&str_close_frame, "_close_frame") < 0 ||
         intern(&str_message_done, "message_done") < 0 ||
         intern(&str_message_handed, "message_handed") < 0 || intern(&str_throw, "throw") < 0 ||
+        intern(&str_message_started, "message_started") < 0 ||
+        intern(&str_message_finished, "message_finished") < 0 ||
         intern(&str_close, "close") < 0)
         return NULL;
     PyObject *frames = PyImport_ImportModule("websockets.frames");

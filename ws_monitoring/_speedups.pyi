@@ -8,6 +8,11 @@ class Layout:
         size_table: bytes,
         on_sent: Callable[[Any, bool, int], None] | None,
         message_sinks: bool = False,
+        *,
+        message_sink: object = None,
+        keep_threshold: float | None = None,
+        sink_failed: Callable[[object, str, BaseException], None] | None = None,
+        not_sampled: object = None,
     ) -> None: ...
 
 class Counts:
@@ -20,6 +25,9 @@ class Counts:
     handling_sum: float
     rtt_sum: float
     handling_start: float
+    tokens: object
+    token_deferred: bool
+    exemplar_trace_id: str | None
     @property
     def h(self) -> list[int] | None: ...
     def __init__(self, layout: Layout) -> None: ...

@@ -33,7 +33,7 @@ from websockets.protocol import State
 from .config import Config
 from .labels import RouteMapper
 from .privacy import Client, Privacy
-from .typing import Data, MessageSink, Sink
+from .typing import NOT_SAMPLED, Data, MessageSink, Sink
 
 #: The client view of a record whose handshake has not finished: nothing known.
 NO_CLIENT = Client(ip=None, user=None)
@@ -60,6 +60,11 @@ _now = time.perf_counter
 def _sink_failed(sink: object, method: str) -> None:
     # A broken sink must never break the connection it observes, nor its other sinks.
     logger.exception("ws_monitoring sink %s.%s failed", type(sink).__name__, method)
+
+
+def _sink_error(sink: object, method: str, exc: BaseException) -> None:
+    """``_sink_failed`` for the C dispatch, which hands over the exception it caught."""
+    logger.error("ws_monitoring sink %s.%s failed", type(sink).__name__, method, exc_info=exc)
 
 
 class HistogramLayout:
@@ -102,6 +107,7 @@ class _Counts:
 
     __slots__ = (
         "_layout",
+        "exemplar_trace_id",
         "h",
         "handling_start",
         "handling_sum",
@@ -116,6 +122,8 @@ class _Counts:
         "out_size",
         "out_text",
         "rtt_sum",
+        "token_deferred",
+        "tokens",
     )
 
     def __init__(self, layout: HistogramLayout) -> None:
@@ -130,6 +138,12 @@ class _Counts:
         self.in_size = 0
         self.out_op: Opcode = _TEXT
         self.out_size = 0
+        #: What message_started returned: the only sink's token, or a list (one per sink).
+        self.tokens: object = None
+        #: True when the only sink returned NOT_SAMPLED (``tokens`` is the message).
+        self.token_deferred = False
+        #: Set by a tracing sink that kept the current message's span: its exemplar.
+        self.exemplar_trace_id: str | None = None
 
     def add_duration(self, duration: float) -> int:
         """Count one message's handling time (seconds); returns its bucket's index."""
@@ -293,7 +307,6 @@ class ConnectionRecord(_CountsBase):
         "context",
         "error",
         "error_type",
-        "exemplar_trace_id",
         "exemplars",
         "handshake",
         "monitor",
@@ -306,7 +319,6 @@ class ConnectionRecord(_CountsBase):
         "request",
         "route",
         "subprotocol",
-        "tokens",
     )
 
     def __init__(self, monitor: Monitor) -> None:
@@ -329,9 +341,6 @@ class ConnectionRecord(_CountsBase):
         self.closed_at = 0.0
         self.ping_data: bytes | None = None
         self.ping_sent_at = 0.0
-        #: What message_started returned: the only sink's token, or a list (one per sink).
-        self.tokens: object = None
-        self.exemplar_trace_id: str | None = None
         self.exemplars: dict[int, tuple[str, float, float]] | None = None
         #: Close code the peer sent, even one websockets rejected as invalid (0: a close
         #: frame too short to hold one); else the code the server sent (e.g. 1009 when it
@@ -426,20 +435,27 @@ class ConnectionRecord(_CountsBase):
         if sink is not None:
             # One message sink (the usual case): its token as is, no list per message.
             try:
-                self.tokens = sink.message_started(self, message)
+                token = sink.message_started(self, message)
             except Exception:
                 _sink_failed(sink, "message_started")
-                self.tokens = None
+                token = None
+            if token is NOT_SAMPLED:
+                self.tokens = message
+                self.token_deferred = True
+            else:
+                self.tokens = token
             return
         sinks = monitor.message_sinks
         if sinks:
             tokens: list[object] = []
             for sink in sinks:
                 try:
-                    tokens.append(sink.message_started(self, message))
+                    token = sink.message_started(self, message)
                 except Exception:
                     _sink_failed(sink, "message_started")
-                    tokens.append(None)
+                    token = None
+                # Several sinks: each finishes every message (see NOT_SAMPLED).
+                tokens.append(message if token is NOT_SAMPLED else token)
             self.tokens = tokens
 
     def message_done(self, error: BaseException | None = None) -> None:
@@ -451,13 +467,17 @@ class ConnectionRecord(_CountsBase):
         self.handling_start = 0.0
         monitor = self.monitor
         tokens = self.tokens
+        deferred = self.token_deferred
         self.tokens = None
+        self.token_deferred = False
         single = monitor.message_sink
         if single is not None:
-            try:
-                single.message_finished(self, tokens, duration, error)
-            except Exception:
-                _sink_failed(single, "message_finished")
+            keep = monitor.keep_threshold
+            if not deferred or error is not None or (keep is not None and duration >= keep):
+                try:
+                    single.message_finished(self, tokens, duration, error)
+                except Exception:
+                    _sink_failed(single, "message_finished")
         elif tokens is not None:
             for sink, token in zip(monitor.message_sinks, cast(list[object], tokens), strict=True):
                 try:
@@ -465,10 +485,14 @@ class ConnectionRecord(_CountsBase):
                 except Exception:
                     _sink_failed(sink, "message_finished")
         bucket = self.add_duration(duration)
+        if self.exemplar_trace_id is not None:
+            self._exemplar(bucket, duration)
+
+    def _exemplar(self, bucket: int, duration: float) -> None:
+        # Set by a tracing sink for a kept span: the metrics exemplar for this bucket.
         trace_id = self.exemplar_trace_id
+        self.exemplar_trace_id = None
         if trace_id is not None:
-            # Set by a tracing sink for a kept span: the metrics exemplar for this bucket.
-            self.exemplar_trace_id = None
             if self.exemplars is None:
                 self.exemplars = {}
             self.exemplars[bucket] = (trace_id, duration, time.time())
@@ -709,6 +733,8 @@ class Monitor:
         )
         #: The message sink when there is exactly one: dispatched without a loop.
         self.message_sink = self.message_sinks[0] if len(self.message_sinks) == 1 else None
+        #: Its ``keep_threshold`` (see NOT_SAMPLED): seconds, or None.
+        self.keep_threshold: float | None = getattr(self.message_sink, "keep_threshold", None)
         # A call per sent message is not free: only sinks that use message_sent get it.
         self.send_sinks: tuple[MessageSink, ...] = tuple(
             s for s in self.message_sinks if getattr(s, "wants_sent_messages", True)
@@ -729,7 +755,14 @@ class Monitor:
         if SPEEDUPS:
             table = _size_table(self.size_bounds)
             self.counts_layout = _speedups.Layout(
-                self.layout, table, self.on_sent, bool(self.message_sinks)
+                self.layout,
+                table,
+                self.on_sent,
+                bool(self.message_sinks),
+                message_sink=self.message_sink,
+                keep_threshold=self.keep_threshold,
+                sink_failed=_sink_error,
+                not_sampled=NOT_SAMPLED,
             )
             self.frame_counter = _record_itself
         else:

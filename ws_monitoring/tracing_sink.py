@@ -70,6 +70,7 @@ from websockets.datastructures import Headers
 from . import otlp_export as otlp
 from .config import Config
 from .privacy import PURPOSE_PAYLOAD, Privacy
+from .typing import NOT_SAMPLED
 
 if TYPE_CHECKING:
     from .core import ConnectionRecord, HandshakeRecord
@@ -548,6 +549,8 @@ class TracingSink:
         slow = config.trace_slow_threshold
         #: Unsampled messages handled this long (seconds) or longer are kept.
         self._keep_slower = math.inf if slow is None else slow
+        #: Read by the core: unsampled messages (NOT_SAMPLED) are finished only if slower.
+        self.keep_threshold = slow
         self._in_connection_trace = config.trace_messages_in_connection_trace
         self._send = config.trace_sent_messages
         #: Read by the core: without send spans, sent messages need no call here.
@@ -701,7 +704,7 @@ class TracingSink:
             # unsampled context is current, so the handler's spans are unsampled too.
             # Should the message be kept anyway (slow, error), its ids are drawn then.
             conn.skip = skip - 1
-            return message
+            return NOT_SAMPLED
         backend = conn.backend
         parent = conn.parent
         extra: Context | None = None
@@ -739,7 +742,7 @@ class TracingSink:
                         Context({**_get_current(), _SPAN_KEY: NonRecordingSpan(quiet)})
                     )
                 if not sampled and extra is None:
-                    return message
+                    return NOT_SAMPLED
                 trace_id = backend.trace_id(sampled)
                 flags = _RANDOM | _SAMPLED if sampled else _RANDOM
             span_id = _bits(64) or 1

@@ -19,9 +19,23 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .core import ConnectionRecord, HandshakeRecord
 
-__all__ = ["Data", "MessageSink", "Sink"]
+__all__ = ["NOT_SAMPLED", "Data", "MessageSink", "Sink"]
 
 Data = str | bytes
+
+
+class _NotSampled:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_SAMPLED"
+
+
+#: What :meth:`MessageSink.message_started` returns for a message it does not sample:
+#: ``message_finished`` is then called only if handling raises, or lasts at least the
+#: sink's ``keep_threshold`` (seconds; absent or ``None``: never), with the message
+#: itself as the token. A sampling sink costs one call per unsampled message, not two.
+NOT_SAMPLED: object = _NotSampled()
 
 
 @runtime_checkable
@@ -50,6 +64,9 @@ class MessageSink(Sink, Protocol):
 
     def message_started(self, connection: ConnectionRecord, message: Data) -> object:
         """``message`` was just handed to the handler; returns a token for ``message_finished``.
+
+        Or :data:`NOT_SAMPLED`: no ``message_finished`` unless the message turns out
+        notable (an error, or slower than the sink's ``keep_threshold``).
 
         ``message`` is the payload: a sink must not emit it unless the connection's
         consent allows it (``connection.client.allows("payload")``).
