@@ -541,6 +541,9 @@ class _SamplingSink:
             raise RuntimeError("finished broke")
         if token == "token exemplar":
             connection.exemplar_trace_id = "ab" * 16
+        if token == "token skip2":
+            # The next two messages: NOT_SAMPLED, without a message_started call.
+            connection.sample_skip = 2
 
 
 async def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
@@ -556,7 +559,8 @@ async def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
                 await asyncio.sleep(0.1)
             await ws.send(message)
 
-    messages = ["a", "q", "qslow", "boom-start", "boom-finish", "exemplar", "b"]
+    messages = ["a", "q", "qslow", "boom-start", "boom-finish", "exemplar", "skip2", "s1"]
+    messages += ["s2slow", "b"]
     async with (
         async_server(
             handler, monitoring={"registry": registry, "sinks": [sink], "tracing": False}
@@ -576,9 +580,13 @@ async def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
         None,
         "token boom-finish",
         "token exemplar",
+        "token skip2",
+        "s2slow",
         "token b",
     ]
-    assert [token for call, token in sink.calls if call == "started"] == messages
+    assert [token for call, token in sink.calls if call == "started"] == [
+        m for m in messages if m not in ("s1", "s2slow")
+    ]
     failures = [r.getMessage() for r in caplog.records if "ws_monitoring sink" in r.getMessage()]
     assert failures == [
         "ws_monitoring sink _SamplingSink.message_started failed",

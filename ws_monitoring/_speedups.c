@@ -198,6 +198,7 @@ typedef struct {
     double handling_start;        /* perf_counter() when the handler got its message, or 0 */
     Py_ssize_t in_size, out_size; /* bytes so far of a fragmented message */
     PyObject *tokens;             /* what message_started returned (see core.py) */
+    long long sample_skip;        /* messages still NOT_SAMPLED without a call */
     PyObject *exemplar_trace_id;  /* set by a tracing sink for a kept span */
     char in_op_binary, out_op_binary, fragmented, token_deferred;
 } CountsObject;
@@ -495,6 +496,12 @@ static void
 single_started(CountsObject *record, PyObject *message)
 {
     LayoutObject *layout = record->layout;
+    if (record->sample_skip > 0) {
+        record->sample_skip--;
+        Py_XSETREF(record->tokens, Py_NewRef(message));
+        record->token_deferred = 1;
+        return;
+    }
     /* args[0] is scratch space for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET). */
     PyObject *args[4] = {NULL, layout->message_sink, (PyObject *)record, message};
     PyObject *token = PyObject_VectorcallMethod(
@@ -810,6 +817,7 @@ static PyMemberDef Counts_members[] = {
     {"tokens", T_OBJECT, offsetof(CountsObject, tokens), 0, NULL},
     {"exemplar_trace_id", T_OBJECT, offsetof(CountsObject, exemplar_trace_id), 0, NULL},
     {"token_deferred", T_BOOL, offsetof(CountsObject, token_deferred), 0, NULL},
+    {"sample_skip", T_LONGLONG, offsetof(CountsObject, sample_skip), 0, NULL},
     {NULL},
 };
 

@@ -27,6 +27,7 @@ class Counts:
     handling_start: float
     tokens: object
     token_deferred: bool
+    sample_skip: int
     exemplar_trace_id: str | None
     @property
     def h(self) -> list[int] | None: ...

@@ -122,6 +122,7 @@ class _Counts:
         "out_size",
         "out_text",
         "rtt_sum",
+        "sample_skip",
         "token_deferred",
         "tokens",
     )
@@ -142,6 +143,9 @@ class _Counts:
         self.tokens: object = None
         #: True when the only sink returned NOT_SAMPLED (``tokens`` is the message).
         self.token_deferred = False
+        #: Set by the only message sink: its next so many messages are NOT_SAMPLED,
+        #: without a call (the core counts them down).
+        self.sample_skip = 0
         #: Set by a tracing sink that kept the current message's span: its exemplar.
         self.exemplar_trace_id: str | None = None
 
@@ -434,11 +438,16 @@ class ConnectionRecord(_CountsBase):
         sink = monitor.message_sink
         if sink is not None:
             # One message sink (the usual case): its token as is, no list per message.
-            try:
-                token = sink.message_started(self, message)
-            except Exception:
-                _sink_failed(sink, "message_started")
-                token = None
+            skip = self.sample_skip
+            if skip > 0:
+                self.sample_skip = skip - 1
+                token = NOT_SAMPLED
+            else:
+                try:
+                    token = sink.message_started(self, message)
+                except Exception:
+                    _sink_failed(sink, "message_started")
+                    token = None
             if token is NOT_SAMPLED:
                 self.tokens = message
                 self.token_deferred = True

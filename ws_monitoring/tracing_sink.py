@@ -93,6 +93,8 @@ _KEY = "otel"
 CARRIER_SOURCES = ("header", "message")
 CARRIER_OUTCOMES = ("extracted", "absent", "malformed", "error")
 
+#: A countdown that never ends in practice (ratio 0), as an integer.
+_NEVER = 1 << 62
 _TRACE_ID_MASK = (1 << 64) - 1  # TraceIdRatioBased tests the low 64 bits
 _ALL = 1 << 64
 _SAMPLED = 0x01
@@ -698,13 +700,15 @@ class TracingSink:
         conn: _Conn | None = connection.context.get(_KEY)
         if conn is None:
             return None
-        skip = conn.skip
-        if skip > 0 and self._from_message is None:
+        pending = connection.sample_skip
+        if pending > 0:
             # Most messages at a ratio: not sampled, and nothing to do. The connection's
             # unsampled context is current, so the handler's spans are unsampled too.
             # Should the message be kept anyway (slow, error), its ids are drawn then.
-            conn.skip = skip - 1
+            # The core counts these down itself when this is its only message sink.
+            connection.sample_skip = pending - 1
             return NOT_SAMPLED
+        skip = conn.skip
         backend = conn.backend
         parent = conn.parent
         extra: Context | None = None
@@ -741,6 +745,11 @@ class TracingSink:
                     conn.quiet = _attach(
                         Context({**_get_current(), _SPAN_KEY: NonRecordingSpan(quiet)})
                     )
+                if skip > 0 and self._from_message is None:
+                    # Handed to the core (ConnectionRecord.sample_skip): it needs no call
+                    # for the next ``skip`` messages. Carriers need one per message.
+                    connection.sample_skip = int(min(skip, _NEVER))
+                    conn.skip = 0
                 if not sampled and extra is None:
                     return NOT_SAMPLED
                 trace_id = backend.trace_id(sampled)
