@@ -559,8 +559,7 @@ async def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
                 await asyncio.sleep(0.1)
             await ws.send(message)
 
-    messages = ["a", "q", "qslow", "boom-start", "boom-finish", "exemplar", "skip2", "s1"]
-    messages += ["s2slow", "b"]
+    messages = SAMPLING_MESSAGES
     async with (
         async_server(
             handler, monitoring={"registry": registry, "sinks": [sink], "tracing": False}
@@ -571,6 +570,21 @@ async def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
             await client.send(message)
             assert await client.recv() == message
     [record] = records
+    assert_sampling_calls(sink, messages, caplog, record)
+
+
+#: What ``_SamplingSink`` is sent, by both adapters' tests.
+SAMPLING_MESSAGES = [
+    *("a", "q", "qslow", "boom-start", "boom-finish", "exemplar", "skip2", "s1", "s2slow", "b")
+]
+
+
+def assert_sampling_calls(
+    sink: _SamplingSink,
+    messages: list[str],
+    caplog: pytest.LogCaptureFixture,
+    record: ConnectionRecord,
+) -> None:
     finished = [token for call, token in sink.calls if call == "finished"]
     # Not sampled and quick: no call; not sampled but slow: called with the message;
     # a failed message_started: finished with None; "b" is finished when the handler ends.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from websockets.sync.server import ServerConnection
 
 from tests.helpers.scrape import Samples
 from tests.helpers.servers import HOST, settled_sync, sync_server, wait_until
+from tests.test_asyncio_server import SAMPLING_MESSAGES, _SamplingSink, assert_sampling_calls
+from ws_monitoring.asyncio_server import RECORD_ATTR
 from ws_monitoring.core import ConnectionRecord, HandshakeRecord
 
 
@@ -358,3 +361,27 @@ def test_create_connection_wrapper_function_still_works(
     samples = settled_sync(scrape_metrics, 1)
     labels = {"route": "/w", "direction": "received", "type": "text"}
     assert samples["websocket_messages_total", labels] == 1
+
+
+def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The threading server's recv() dispatches like the asyncio one (in C when built)."""
+    sink = _SamplingSink()
+    records: list[ConnectionRecord] = []
+
+    def handler(ws: ServerConnection) -> None:
+        records.append(getattr(ws, RECORD_ATTR))
+        for message in ws:
+            if "slow" in str(message):
+                time.sleep(0.1)
+            ws.send(message)
+
+    options = {"registry": registry, "sinks": [sink], "tracing": False}
+    with sync_server(handler, monitoring=options) as srv, connect(srv.url("/s")) as client:
+        for message in SAMPLING_MESSAGES:
+            client.send(message)
+            assert client.recv() == message
+    wait_until(lambda: any(call == "finished" and t == "token b" for call, t in sink.calls))
+    [record] = records
+    assert_sampling_calls(sink, SAMPLING_MESSAGES, caplog, record)

@@ -544,9 +544,8 @@ single_finished(CountsObject *record, double duration)
 
 /* The handler got ``message``: handling starts now. */
 static int
-timed_done(TimedObject *self, PyObject *message)
+handled(CountsObject *record, PyObject *message)
 {
-    CountsObject *record = self->record;
     if (!record->layout->message_sinks) {
         record->handling_start = perf_counter();
         return 0;
@@ -573,7 +572,7 @@ Timed_am_send(TimedObject *self, PyObject *value, PyObject **result)
     PySendResult status = PyIter_Send(self->inner, value, result);
     if (status == PYGEN_RETURN) {
         Py_CLEAR(self->inner);
-        if (timed_done(self, *result) < 0) {
+        if (handled(self->record, *result) < 0) {
             Py_CLEAR(*result);
             return PYGEN_ERROR;
         }
@@ -656,7 +655,7 @@ Timed_throw(TimedObject *self, PyObject *args)
     Py_XDECREF(exc);
     Py_XDECREF(tb);
     if (value == NULL) return NULL;
-    if (timed_done(self, value) < 0) {
+    if (handled(self->record, value) < 0) {
         Py_DECREF(value);
         return NULL;
     }
@@ -731,9 +730,9 @@ static PyTypeObject TimedType = {
     .tp_dealloc = (destructor)Timed_dealloc,
 };
 
-/* timed(coro): the handler asks for its next message; returns coro, timed. */
-static PyObject *
-Counts_timed(CountsObject *self, PyObject *inner)
+/* The handler asks for its next message: handling of the previous one ends. */
+static int
+handling_ended(CountsObject *self)
 {
     double start = self->handling_start;
     if (start != 0.0) {
@@ -743,9 +742,9 @@ Counts_timed(CountsObject *self, PyObject *inner)
             double duration = perf_counter() - start;
             self->handling_start = 0.0;
             if (layout->message_sink != NULL && single_finished(self, duration) < 0)
-                return NULL;
+                return -1;
             unsigned long long *h = histogram(self);
-            if (h == NULL) return NULL;
+            if (h == NULL) return -1;
             Py_ssize_t bucket = duration <= layout->duration_bounds[0]
                 ? 0
                 : bisect_left(layout->duration_bounds, layout->n_duration, duration);
@@ -754,16 +753,40 @@ Counts_timed(CountsObject *self, PyObject *inner)
             if (self->exemplar_trace_id != NULL && self->exemplar_trace_id != Py_None) {
                 PyObject *r = PyObject_CallMethod(
                     (PyObject *)self, "_exemplar", "nd", bucket, duration);
-                if (r == NULL) return NULL;
+                if (r == NULL) return -1;
                 Py_DECREF(r);
             }
         }
         else {
             PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_message_done);
-            if (r == NULL) return NULL;
+            if (r == NULL) return -1;
             Py_DECREF(r);
         }
     }
+    return 0;
+}
+
+/* recv_started(): the handler asks for its next message (the threading server). */
+static PyObject *
+Counts_recv_started(CountsObject *self, PyObject *unused)
+{
+    if (handling_ended(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* recv_done(message): recv() returned ``message`` (the threading server). */
+static PyObject *
+Counts_recv_done(CountsObject *self, PyObject *message)
+{
+    if (handled(self, message) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* timed(coro): the handler asks for its next message; returns coro, timed. */
+static PyObject *
+Counts_timed(CountsObject *self, PyObject *inner)
+{
+    if (handling_ended(self) < 0) return NULL;
     TimedObject *timed = PyObject_GC_New(TimedObject, &TimedType);
     if (timed == NULL) return NULL;
     timed->record = (CountsObject *)Py_NewRef(self);
@@ -799,6 +822,10 @@ static PyMethodDef Counts_methods[] = {
      PyDoc_STR("add_duration(seconds) -> bucket index: count a message's handling time.")},
     {"add_rtt", (PyCFunction)Counts_add_rtt, METH_O,
      PyDoc_STR("add_rtt(seconds): count a ping's round-trip time.")},
+    {"recv_started", (PyCFunction)Counts_recv_started, METH_NOARGS,
+     PyDoc_STR("recv_started(): the handler asks for its next message.")},
+    {"recv_done", (PyCFunction)Counts_recv_done, METH_O,
+     PyDoc_STR("recv_done(message): the handler got message.")},
     {"timed", (PyCFunction)Counts_timed, METH_O,
      PyDoc_STR("timed(coroutine) -> awaitable: the handler asks for its next message.")},
     {NULL},

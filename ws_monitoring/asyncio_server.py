@@ -87,13 +87,12 @@ class TimedRecv:
 
     async def recv_streaming(self, decode: bool | None = None) -> AsyncIterator[Data]:
         record = self._ws_monitoring_record
-        if record.handling_start:
-            record.message_done()
+        record.recv_started()
         first = True
         async for fragment in self._ws_monitoring_recv_streaming(decode):
             if first:
                 first = False
-                record.message_handed(fragment)
+                record.recv_done(fragment)
             yield fragment
 
 

@@ -162,12 +162,8 @@ class _Counts:
         self.handling_sum += duration
         return bucket
 
-    async def timed(self: Any, recv: Awaitable[Data]) -> Data:
-        """``recv`` (the connection's own ``recv()``), timing how long messages are handled.
-
-        Called when the handler asks for its next message: handling of the previous one
-        ends (``message_done``); the message ``recv`` returns starts (``message_handed``).
-        """
+    def recv_started(self: Any) -> None:
+        """The handler asks for its next message: handling of the previous one ends."""
         start = self.handling_start
         if start:
             if not self.monitor.message_sinks:
@@ -176,12 +172,24 @@ class _Counts:
                 self.add_duration(_now() - start)
             else:
                 self.message_done()
-        message = await recv
+
+    def recv_done(self: Any, message: Data) -> None:
+        """The handler got ``message`` (from ``recv()``, or a first fragment)."""
         if self.monitor.message_sinks:
             self.message_handed(message)
         else:
             # All ``message_handed`` does without message sinks, minus a call.
             self.handling_start = _now()
+
+    async def timed(self, recv: Awaitable[Data]) -> Data:
+        """``recv`` (the connection's own ``recv()``), timing how long messages are handled.
+
+        :meth:`recv_started`, then :meth:`recv_done` with what ``recv`` returns. In C,
+        the ``recv_started`` part runs when ``timed`` is called, not when awaited.
+        """
+        self.recv_started()
+        message = await recv
+        self.recv_done(message)
         return message
 
     def add_rtt(self, rtt: float) -> None:

@@ -33,7 +33,7 @@ from .asyncio_server import (
     _finish,
     _is_upgrade,
 )
-from .core import ConnectionRecord, HandshakeRecord, Monitor, _now
+from .core import ConnectionRecord, HandshakeRecord, Monitor
 from .typing import Data
 
 __all__ = ["instrument_sync", "serve"]
@@ -55,25 +55,19 @@ class TimedRecv:
 
     def recv(self, timeout: float | None = None, decode: bool | None = None) -> Data:
         record = self._ws_monitoring_record
-        if record.handling_start:
-            record.message_done()
+        record.recv_started()
         message: Data = self._ws_monitoring_recv(timeout, decode)
-        if record.monitor.message_sinks:
-            record.message_handed(message)
-        else:
-            # All ``message_handed`` does without message sinks, minus a call per message.
-            record.handling_start = _now()
+        record.recv_done(message)
         return message
 
     def recv_streaming(self, decode: bool | None = None) -> Iterator[Data]:
         record = self._ws_monitoring_record
-        if record.handling_start:
-            record.message_done()
+        record.recv_started()
         first = True
         for fragment in self._ws_monitoring_recv_streaming(decode):
             if first:
                 first = False
-                record.message_handed(fragment)
+                record.recv_done(fragment)
             yield fragment
 
 
