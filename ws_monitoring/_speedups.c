@@ -424,21 +424,30 @@ Counts_encode(CountsObject *self, PyObject *frame)
     return Py_NewRef(frame);
 }
 
+/* Count one message's handling time; its bucket, or -1 on error. */
+static Py_ssize_t
+count_duration(CountsObject *self, double duration)
+{
+    LayoutObject *layout = self->layout;
+    unsigned long long *h = histogram(self);
+    if (h == NULL) return -1;
+    /* Most messages are handled within the first bucket: no search for them. */
+    Py_ssize_t bucket = duration <= layout->duration_bounds[0]
+        ? 0
+        : bisect_left(layout->duration_bounds, layout->n_duration, duration);
+    h[layout->off_duration + bucket]++;
+    self->handling_sum += duration;
+    return bucket;
+}
+
 /* add_duration(seconds) -> bucket: count one message's handling time. */
 static PyObject *
 Counts_add_duration(CountsObject *self, PyObject *arg)
 {
     double duration = PyFloat_AsDouble(arg);
     if (duration == -1.0 && PyErr_Occurred()) return NULL;
-    LayoutObject *layout = self->layout;
-    unsigned long long *h = histogram(self);
-    if (h == NULL) return NULL;
-    Py_ssize_t bucket = duration <= layout->duration_bounds[0]
-        ? 0
-        : bisect_left(layout->duration_bounds, layout->n_duration, duration);
-    h[layout->off_duration + bucket]++;
-    self->handling_sum += duration;
-    return PyLong_FromSsize_t(bucket);
+    Py_ssize_t bucket = count_duration(self, duration);
+    return bucket < 0 ? NULL : PyLong_FromSsize_t(bucket);
 }
 
 /* add_rtt(seconds): count one ping round trip. */
@@ -743,13 +752,8 @@ handling_ended(CountsObject *self)
             self->handling_start = 0.0;
             if (layout->message_sink != NULL && single_finished(self, duration) < 0)
                 return -1;
-            unsigned long long *h = histogram(self);
-            if (h == NULL) return -1;
-            Py_ssize_t bucket = duration <= layout->duration_bounds[0]
-                ? 0
-                : bisect_left(layout->duration_bounds, layout->n_duration, duration);
-            h[layout->off_duration + bucket]++;
-            self->handling_sum += duration;
+            Py_ssize_t bucket = count_duration(self, duration);
+            if (bucket < 0) return -1;
             if (self->exemplar_trace_id != NULL && self->exemplar_trace_id != Py_None) {
                 PyObject *r = PyObject_CallMethod(
                     (PyObject *)self, "_exemplar", "nd", bucket, duration);
