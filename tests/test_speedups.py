@@ -344,3 +344,51 @@ def test_timed_recv_throw_close_and_tuple_results() -> None:
     next(timed)
     timed.close()
     assert closed == [True]
+
+
+# -- RecvMethod: recv() of the connection classes serve() makes ------------------------------
+
+
+@needs_speedups
+def test_recv_method_passes_arguments_through_and_looks_like_recv() -> None:
+    from ws_monitoring import _speedups
+
+    class Connection:
+        __slots__ = ("_ws_monitoring_record", "calls")
+
+        async def recv(self, decode: bool | None = None) -> str:
+            """websockets' recv, as far as this test is concerned."""
+            self.calls.append(decode)
+            return "message"
+
+    base_recv = Connection.recv
+
+    class Instrumented(Connection):
+        __slots__ = ()
+        recv = _speedups.RecvMethod(base_recv)  # type: ignore[assignment]
+
+    assert Instrumented.recv.__name__ == "recv"  # type: ignore[attr-defined]
+    assert Instrumented.recv.__doc__ == base_recv.__doc__
+    assert Instrumented.recv.__wrapped__ is base_recv  # type: ignore[attr-defined]
+    connection = Instrumented()
+    connection.calls = []
+    record = connection._ws_monitoring_record = _timed_record()
+    timed = connection.recv(decode=False)
+    with pytest.raises(StopIteration) as stop:
+        timed.send(None)
+    assert stop.value.value == "message"
+    assert connection.calls == [False]
+    assert record.handling_start > 0
+    # Bad arguments: websockets' own error, before anything is timed.
+    with pytest.raises(TypeError, match="positional"):
+        connection.recv(1, 2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="needs its connection"):
+        Instrumented.recv()  # type: ignore[call-arg]
+    connection._ws_monitoring_record = object()  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="not a connection record"):
+        connection.recv()
+    del connection._ws_monitoring_record
+    with pytest.raises(AttributeError):
+        connection.recv()
+    with pytest.raises(TypeError, match="recv function"):
+        _speedups.RecvMethod(42)  # type: ignore[arg-type]

@@ -482,6 +482,7 @@ typedef struct {
 } TimedObject;
 
 static PyTypeObject TimedType;
+static PyTypeObject CountsType;
 
 /* A sink raised: log it (core._sink_error) and carry on, as the Python core does. */
 static void
@@ -799,6 +800,131 @@ Counts_timed(CountsObject *self, PyObject *inner)
     return (PyObject *)timed;
 }
 
+/* -- RecvMethod: the ``recv`` of connection classes made by serve() ---------------- */
+
+static PyObject *str_record_attr;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *func;               /* websockets' own recv (a function of the base class) */
+    vectorcallfunc vectorcall;
+} RecvMethodObject;
+
+/* recv(connection, *args, **kwargs): websockets' recv(), timed by the record. */
+static PyObject *
+RecvMethod_vectorcall(RecvMethodObject *self, PyObject *const *args, size_t nargsf,
+                      PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "recv() needs its connection");
+        return NULL;
+    }
+    PyObject *record = PyObject_GetAttr(args[0], str_record_attr);
+    if (record == NULL) return NULL;
+    if (!PyObject_TypeCheck(record, &CountsType)) {
+        PyErr_Format(PyExc_TypeError, "not a connection record: %R", record);
+        Py_DECREF(record);
+        return NULL;
+    }
+    /* The arguments as given: websockets checks them, with its own errors. */
+    PyObject *coro = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
+    if (coro == NULL) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    PyObject *timed = Counts_timed((CountsObject *)record, coro);
+    Py_DECREF(coro);
+    Py_DECREF(record);
+    return timed;
+}
+
+static PyObject *
+RecvMethod_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *func;
+    if (!PyArg_ParseTuple(args, "O:RecvMethod", &func)) return NULL;
+    if (!PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_TypeError, "RecvMethod() needs websockets' recv function");
+        return NULL;
+    }
+    RecvMethodObject *self = (RecvMethodObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->func = Py_NewRef(func);
+    self->vectorcall = (vectorcallfunc)RecvMethod_vectorcall;
+    return (PyObject *)self;
+}
+
+static PyObject *
+RecvMethod_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+/* __name__, __doc__, __wrapped__...: those of websockets' recv, as functools.wraps does. */
+static PyObject *
+RecvMethod_getattro(RecvMethodObject *self, PyObject *name)
+{
+    PyObject *value = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (value != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) return value;
+    PyErr_Clear();
+    if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "__wrapped__") == 0)
+        return Py_NewRef(self->func);
+    return PyObject_GetAttr(self->func, name);
+}
+
+static PyObject *
+RecvMethod_get_doc(RecvMethodObject *self, void *closure)
+{
+    return PyObject_GetAttrString(self->func, "__doc__");
+}
+
+static PyGetSetDef RecvMethod_getset[] = {
+    {"__doc__", (getter)RecvMethod_get_doc, NULL, NULL, NULL},
+    {NULL},
+};
+
+static int
+RecvMethod_traverse(RecvMethodObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->func);
+    return 0;
+}
+
+static int
+RecvMethod_clear(RecvMethodObject *self)
+{
+    Py_CLEAR(self->func);
+    return 0;
+}
+
+static void
+RecvMethod_dealloc(RecvMethodObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    RecvMethod_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RecvMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ws_monitoring._speedups.RecvMethod",
+    .tp_doc = PyDoc_STR("RecvMethod(recv): websockets' recv, timed by the connection's record."),
+    .tp_basicsize = sizeof(RecvMethodObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(RecvMethodObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = RecvMethod_new,
+    .tp_descr_get = RecvMethod_get,
+    .tp_getattro = (getattrofunc)RecvMethod_getattro,
+    .tp_getset = RecvMethod_getset,
+    .tp_traverse = (traverseproc)RecvMethod_traverse,
+    .tp_clear = (inquiry)RecvMethod_clear,
+    .tp_dealloc = (destructor)RecvMethod_dealloc,
+};
+
 static PyObject *
 Counts_get_h(CountsObject *self, void *closure)
 {
@@ -981,7 +1107,7 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     if (PyType_Ready(&LayoutType) < 0 || PyType_Ready(&CountsType) < 0 ||
-        PyType_Ready(&TimedType) < 0)
+        PyType_Ready(&TimedType) < 0 || PyType_Ready(&RecvMethodType) < 0)
         return NULL;
     if (intern(&str_opcode, "opcode") < 0 || intern(&str_data, "data") < 0 ||
         intern(&str_fin, "fin") < 0 || intern(&str_rsv1, "rsv1") < 0 ||
@@ -992,7 +1118,8 @@ PyInit__speedups(void)
         intern(&str_message_handed, "message_handed") < 0 || intern(&str_throw, "throw") < 0 ||
         intern(&str_message_started, "message_started") < 0 ||
         intern(&str_message_finished, "message_finished") < 0 ||
-        intern(&str_close, "close") < 0)
+        intern(&str_close, "close") < 0 ||
+        intern(&str_record_attr, "_ws_monitoring_record") < 0)
         return NULL;
     PyObject *frames = PyImport_ImportModule("websockets.frames");
     if (frames == NULL) return NULL;
@@ -1007,7 +1134,8 @@ PyInit__speedups(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Layout", (PyObject *)&LayoutType) < 0 ||
-        PyModule_AddObjectRef(m, "Counts", (PyObject *)&CountsType) < 0) {
+        PyModule_AddObjectRef(m, "Counts", (PyObject *)&CountsType) < 0 ||
+        PyModule_AddObjectRef(m, "RecvMethod", (PyObject *)&RecvMethodType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .core import ConnectionRecord, HandshakeRecord, Monitor
+from .core import SPEEDUPS, ConnectionRecord, HandshakeRecord, Monitor, _speedups
 from .typing import Data
 
 __all__ = ["instrument_async", "serve"]
@@ -149,7 +149,8 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
         __slots__ = (RECORD_ATTR, _HANDSHAKE_ATTR)
         # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
-        recv = TimedRecv.recv
+        # With the speedups, recv() is a C method: no Python frame per message.
+        recv = _speedups.RecvMethod(base.recv) if SPEEDUPS else TimedRecv.recv
         recv_streaming = TimedRecv.recv_streaming
         _ws_monitoring_timed = True
         _ws_monitoring_recv = base.recv
