@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import random
 import re
@@ -374,6 +375,12 @@ class _Constant:
         self.encoded_attrs = otlp.attributes(otlp.SPAN_ATTRIBUTE, attrs)
 
 
+@functools.lru_cache(maxsize=1024)
+def _span_names(route: str) -> dict[str, str]:
+    """Span names of a route's operations, shared by its connections (routes are bounded)."""
+    return {_PROCESS: f"process {route}", _SEND: f"send {route}"}
+
+
 class _Conn:
     """The tracing state of one connection, in ``record.context["otel"]``."""
 
@@ -408,8 +415,7 @@ class _Conn:
             if handshake is not None
             else b""
         )
-        route = record.route
-        self.names = {_PROCESS: f"process {route}", _SEND: f"send {route}"}
+        self.names = _span_names(record.route)
         self.constants: dict[str, _Constant] = {}
         #: Token of the unsampled context shared by this connection's unsampled messages.
         self.quiet: contextvars.Token[Context] | None = None
