@@ -66,7 +66,11 @@ class MessageSink(Sink, Protocol):
         """``message`` was just handed to the handler; returns a token for ``message_finished``.
 
         Or :data:`NOT_SAMPLED`: no ``message_finished`` unless the message turns out
-        notable (an error, or slower than the sink's ``keep_threshold``).
+        notable (an error, or slower than the sink's ``keep_threshold``). A sink that
+        knows its next ``n`` messages will be NOT_SAMPLED may set
+        ``connection.sample_skip = n``: when it is the server's only message sink, the
+        core counts them down without calling it; otherwise it is called as usual and
+        counts down itself (``sample_skip > 0``: decrement, return NOT_SAMPLED).
 
         ``message`` is the payload: a sink must not emit it unless the connection's
         consent allows it (``connection.client.allows("payload")``).
