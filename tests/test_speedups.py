@@ -392,3 +392,21 @@ def test_recv_method_passes_arguments_through_and_looks_like_recv() -> None:
         connection.recv()
     with pytest.raises(TypeError, match="recv function"):
         _speedups.RecvMethod(42)  # type: ignore[arg-type]
+
+
+def test_monitors_and_records_are_collected() -> None:
+    """The C layout refers back to its monitor (on_sent): the cycle must be collectable."""
+    import gc
+    import weakref
+
+    from tests.test_core import Recorder
+
+    monitor = make_monitor([Recorder()])
+    conn = conn_with_request()
+    record = monitor.open(conn)
+    recv(conn, frame(0x1, b"hello"))
+    record.message_handed("hello")
+    refs = [weakref.ref(monitor), weakref.ref(record)]
+    del monitor, record, conn
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]

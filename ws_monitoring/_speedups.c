@@ -160,14 +160,33 @@ Layout_init(LayoutObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* A layout refers to its monitor (on_sent is a bound method of it), which refers to it. */
+static int
+Layout_traverse(LayoutObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_sent);
+    Py_VISIT(self->message_sink);
+    Py_VISIT(self->sink_failed);
+    Py_VISIT(self->not_sampled);
+    return 0;
+}
+
+static int
+Layout_clear(LayoutObject *self)
+{
+    Py_CLEAR(self->on_sent);
+    Py_CLEAR(self->message_sink);
+    Py_CLEAR(self->sink_failed);
+    Py_CLEAR(self->not_sampled);
+    return 0;
+}
+
 static void
 Layout_dealloc(LayoutObject *self)
 {
+    PyObject_GC_UnTrack(self);
+    Layout_clear(self);
     Py_XDECREF(self->table_obj);
-    Py_XDECREF(self->on_sent);
-    Py_XDECREF(self->message_sink);
-    Py_XDECREF(self->sink_failed);
-    Py_XDECREF(self->not_sampled);
     PyMem_Free(self->size_bounds);
     PyMem_Free(self->duration_bounds);
     PyMem_Free(self->rtt_bounds);
@@ -181,7 +200,9 @@ static PyTypeObject LayoutType = {
                         "message_sink=None, keep_threshold=None, sink_failed=None, "
                         "not_sampled=None): bucket bounds and offsets, and the sinks."),
     .tp_basicsize = sizeof(LayoutObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Layout_traverse,
+    .tp_clear = (inquiry)Layout_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Layout_init,
     .tp_dealloc = (destructor)Layout_dealloc,
