@@ -17,6 +17,7 @@ aggregates are written as deltas into mmap-backed ``prometheus_client`` metrics 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
@@ -289,7 +290,9 @@ class MetricsSink:
         by_route: dict[str, list[ConnectionRecord]] = {}
         for record in live:
             by_route.setdefault(record.route, []).append(record)
-        for route, records in by_route.items():
+        for n, (route, records) in enumerate(by_route.items()):
+            if n & 7 == 7:
+                _yield_gil()
             snap.active[route] = len(records)
             totals = snap.routes.get(route)
             if totals is None:
@@ -492,6 +495,17 @@ def _value_line(value: float) -> str:
     return f"{floatToGoString(value)}\n"  # type: ignore[no-untyped-call]
 
 
+def _yield_gil() -> None:
+    """Let another thread (the event loop) take the GIL, in the middle of a long scrape.
+
+    A scrape runs in the metrics server's thread; without this, an event loop that
+    wants the GIL waits a whole switch interval (5 ms) at a time, twice in a row at
+    worst (measured: stalls of 11-12 ms with scrapes of 5 000 connections every 0.2 s,
+    9 ms at most with a yield every 8 routes and every family).
+    """
+    time.sleep(0)
+
+
 class _Writer:
     """Writes a sink's families in the Prometheus text format or OpenMetrics 1.0.0.
 
@@ -511,6 +525,7 @@ class _Writer:
         """``families`` as exposition text (OpenMetrics without its final ``# EOF``)."""
         out: list[str] = []
         for family in families:
+            _yield_gil()
             out.append(self._header(family, openmetrics))
             if family.spec.kind != "histogram":
                 for values, value in family.values:
