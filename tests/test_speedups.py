@@ -8,6 +8,7 @@ streams identically, and the C types reject misuse with clear errors.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,11 +29,38 @@ needs_speedups = pytest.mark.skipif(
 )
 
 
-def test_speedups_are_in_use_when_required() -> None:
+def test_the_implementation_follows_the_environment() -> None:
+    """C when built, unless WS_MONITORING_NO_SPEEDUPS; make test requires the C one."""
+    built = importlib.util.find_spec("ws_monitoring._speedups") is not None
+    expected = built and not os.environ.get("WS_MONITORING_NO_SPEEDUPS")
+    assert core.SPEEDUPS is expected
+    base = core.ConnectionRecord.__mro__[1]
+    assert base.__module__ == ("ws_monitoring._speedups" if expected else "ws_monitoring.core")
     # make test sets WS_MONITORING_REQUIRE_SPEEDUPS: the C counter cannot silently vanish.
     if os.environ.get("WS_MONITORING_REQUIRE_SPEEDUPS"):
-        assert core.SPEEDUPS
-        assert core.ConnectionRecord.__mro__[1].__module__ == "ws_monitoring._speedups"
+        assert built
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_without_the_compiled_module(required: bool) -> None:
+    """Where no C compiler built it: pure Python, or an ImportError when it is required."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WS_MONITORING_")}
+    if required:
+        env["WS_MONITORING_REQUIRE_SPEEDUPS"] = "1"
+    code = (
+        "import sys; sys.modules['ws_monitoring._speedups'] = None\n"
+        "from ws_monitoring import core\n"
+        "assert not core.SPEEDUPS and core.ConnectionRecord.__mro__[1] is core._Counts\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if required:
+        assert result.returncode == 1
+        # ModuleNotFoundError, an ImportError, names the missing module.
+        assert "Error: import of ws_monitoring._speedups" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
 
 
 def test_pure_python_fallback_passes_the_suites() -> None:
@@ -44,7 +72,7 @@ def test_pure_python_fallback_passes_the_suites() -> None:
         "tests/test_bad_input.py",
         "tests/test_asyncio_server.py",
         "tests/test_sync_server.py",
-        "tests/test_speedups.py::test_fallback_is_selected_by_the_environment",
+        "tests/test_speedups.py::test_the_implementation_follows_the_environment",
         "tests/test_speedups.py::test_column_sums_of_a_scrape",
     ]
     result = subprocess.run(
@@ -57,12 +85,6 @@ def test_pure_python_fallback_passes_the_suites() -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
-
-
-def test_fallback_is_selected_by_the_environment() -> None:
-    if os.environ.get("WS_MONITORING_NO_SPEEDUPS"):
-        assert not core.SPEEDUPS
-        assert core.ConnectionRecord.__mro__[1] is core._Counts
 
 
 # -- both implementations on the same frames -------------------------------------------
@@ -175,7 +197,7 @@ def test_c_types_reject_misuse() -> None:
 
 
 @needs_speedups
-def test_a_failing_send_sink_does_not_break_sending() -> None:
+def test_a_failing_send_sink_does_not_break_sending(caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
         wants_sent_messages = True
 
@@ -199,6 +221,13 @@ def test_a_failing_send_sink_does_not_break_sending() -> None:
     conn.protocol.send_text(b"hello")
     recv(conn, frame(0x1, b"in"))
     assert (record.out_text, record.in_text) == (1, 1)
+    failed = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "ws_monitoring sink Broken.message_sent failed"
+    ]
+    assert len(failed) == 1
+    assert failed[0].exc_info is not None
 
 
 def test_column_sums_of_a_scrape() -> None:
