@@ -41,6 +41,16 @@ async def exchange(url: str) -> None:
         assert await client.recv() == b"two"
 
 
+def exchange_sync(url: str) -> None:
+    """:func:`exchange` with the threading client, after ``sync_echo``'s greeting."""
+    with sync_connect(url) as client:
+        assert client.recv() == "ready"
+        client.send("one")
+        assert client.recv() == "one"
+        client.send(b"two")
+        assert client.recv() == b"two"
+
+
 def assert_echo_counted(samples: Samples, route: str = "/", handshakes: float | None = 0) -> None:
     def messages(direction: str, kind: str) -> float | None:
         return samples.get("websocket_messages_total", route=route, direction=direction, type=kind)
@@ -122,12 +132,8 @@ def test_instrument_a_sync_handler_for_websockets_sync_serve(
     registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
 ) -> None:
     handler = ws_monitoring.instrument(sync_echo, registry=registry)
-    with sync_server(handler) as srv, sync_connect(srv.url("/sync")) as client:
-        assert client.recv() == "ready"
-        client.send("one")
-        assert client.recv() == "one"
-        client.send(b"two")
-        assert client.recv() == b"two"
+    with sync_server(handler) as srv:
+        exchange_sync(srv.url("/sync"))
     samples = settled_sync(scrape_metrics, 1)
     assert_echo_counted(samples, route="/sync")
     sent = {"route": "/sync", "direction": "sent", "type": "text"}
@@ -216,11 +222,7 @@ def test_serve_sync_accepts_an_instrumented_handler(
     registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
 ) -> None:
     handler = ws_monitoring.instrument(sync_echo, registry=registry)
-    with sync_server(handler, monitoring={}) as srv, sync_connect(srv.url("/s")) as client:
-        assert client.recv() == "ready"
-        client.send("one")
-        assert client.recv() == "one"
-        client.send(b"two")
-        assert client.recv() == b"two"
+    with sync_server(handler, monitoring={}) as srv:
+        exchange_sync(srv.url("/s"))
     samples = settled_sync(scrape_metrics, 1)
     assert_echo_counted(samples, route="/s", handshakes=1)
