@@ -592,7 +592,7 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
     one (``recv_frame``), oversized or fragmented control frames. Frames that exceed
     ``max_size`` never reach it.
     """
-    size_bounds = monitor.size_bounds
+    size_bounds = monitor.layout.size_bounds
     table = _size_table(size_bounds)
     n_table = len(table)
     length = monitor.layout.length
@@ -757,8 +757,6 @@ class Monitor:
             s for s in self.message_sinks if getattr(s, "wants_sent_messages", True)
         )
         self.layout = HistogramLayout(config)
-        self.size_bounds = config.size_buckets
-        self.duration_bounds = config.duration_buckets
         #: Called by the frame counters for each sent message, when a sink wants it.
         self.on_sent: Callable[[ConnectionRecord, bool, int], None] | None = (
             self._message_sent if self.send_sinks else None
@@ -770,7 +768,7 @@ class Monitor:
         #: What each record's counters are laid out by (``_speedups.Layout`` in C).
         self.counts_layout: Any
         if SPEEDUPS:
-            table = _size_table(self.size_bounds)
+            table = _size_table(self.layout.size_bounds)
             self.counts_layout = _speedups.Layout(
                 self.layout,
                 table,
