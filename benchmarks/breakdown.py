@@ -106,9 +106,9 @@ def breakdown(quick: bool = False) -> dict[str, Any]:
     """Nanoseconds per call of each hot-path piece, bare and instrumented (metrics only)."""
     from prometheus_client import CollectorRegistry
 
-    from ws_monitoring.asyncio_server import RECORD_ATTR, _connection_class
+    from ws_monitoring.adapters.asyncio import RECORD_ATTR, _connection_class
+    from ws_monitoring.adapters.instrument import build_monitor
     from ws_monitoring.config import Config
-    from ws_monitoring.instrument import build_monitor
 
     n, batches = (2_000, 5) if quick else (20_000, 15)
     config = Config.from_options(registry=CollectorRegistry(), tracing=False, log_lifecycle=False)

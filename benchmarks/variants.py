@@ -104,9 +104,9 @@ def _ws_monitoring_setup(kind: str, options: Options) -> dict[str, Any]:
     """
     if kind == "metrics":
         return {"tracing": False, "log_lifecycle": False}
-    from ws_monitoring.alertmanager import PrometheusAlerter
-    from ws_monitoring.logging_config import setup_logging
-    from ws_monitoring.opentelemetry_tracing import setup_tracing
+    from ws_monitoring.alerting.alertmanager import PrometheusAlerter
+    from ws_monitoring.logging.setup import setup_logging
+    from ws_monitoring.tracing.setup import setup_tracing
 
     tracing = setup_tracing(
         options.service, endpoint=options.otlp, sample_ratio=1.0 if kind == "all" else None

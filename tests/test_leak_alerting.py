@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.alerting.test_alertmanager import RecordingPeer, recording_peer
 from tests.helpers.leak import MARKERS, assert_no_markers, run_leak_scenario
 from tests.helpers.sentry_receiver import SentryReceiver, sentry_receiver
-from tests.test_alertmanager import RecordingPeer, recording_peer
 from ws_monitoring.alerting import PrometheusAlerter, SentryAlerter
 
 ALL = ("ip", "user", "payload")

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.helpers.leak import MARKERS, assert_no_markers, run_leak_scenario
 from tests.helpers.otlp import OtlpHttpReceiver, ReceivedSpan
-from ws_monitoring.opentelemetry_tracing import setup_tracing
+from ws_monitoring.tracing.setup import setup_tracing
 
 ALL = ("ip", "user", "payload")
 

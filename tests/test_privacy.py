@@ -24,9 +24,9 @@ from websockets.sync.server import ServerConnection as SyncServerConnection
 import ws_monitoring
 from tests.helpers.leak import assert_no_markers
 from tests.helpers.servers import async_server, sync_server_async
-from ws_monitoring.asyncio_server import RECORD_ATTR
 from ws_monitoring.config import Config
-from ws_monitoring.core import ConnectionRecord, Monitor
+from ws_monitoring.consent import grant, grant_user, privacy_of, withdraw, withdraw_user
+from ws_monitoring.core import RECORD_ATTR, ConnectionRecord, Monitor
 from ws_monitoring.privacy import (
     JOURNAL_LOGGER,
     MAX_SCRUB_LENGTH,
@@ -34,12 +34,7 @@ from ws_monitoring.privacy import (
     PSEUDONYM_KEY_ENV,
     Consent,
     Privacy,
-    grant,
-    grant_user,
-    privacy_of,
     truncate_ip,
-    withdraw,
-    withdraw_user,
 )
 
 KEY = b"k" * 32

@@ -70,8 +70,8 @@ def test_pure_python_fallback_passes_the_suites() -> None:
         "tests/test_core.py",
         "tests/test_hot_path.py",
         "tests/test_bad_input.py",
-        "tests/test_asyncio_server.py",
-        "tests/test_sync_server.py",
+        "tests/adapters/test_asyncio.py",
+        "tests/adapters/test_sync.py",
         "tests/test_speedups.py::test_the_implementation_follows_the_environment",
         "tests/test_speedups.py::test_column_sums_of_a_scrape",
     ]

@@ -10,22 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .adapters.instrument import instrument, serve, serve_sync
 from .config import Config
-from .instrument import instrument, serve, serve_sync
-from .metrics_server import MetricsServer, MetricsServerError, start_metrics_server
-from .privacy import Consent, grant, grant_user, withdraw, withdraw_user
+from .consent import grant, grant_user, withdraw, withdraw_user
+from .metrics.server import MetricsServer, MetricsServerError, start_metrics_server
+from .privacy import Consent
 
 if TYPE_CHECKING:
-    from .alerting import (
-        PrometheusAlerter,
-        SentryAlerter,
-        ServerWatchdog,
-        WebsocketsIntegration,
-        fire_all,
-        watch_server,
-    )
-    from .logging_config import setup_logging
-    from .opentelemetry_tracing import setup_tracing, tracer
+    from .alerting.alertmanager import PrometheusAlerter
+    from .alerting.sentry import SentryAlerter
+    from .alerting.watchdog import watch_server
+    from .logging.setup import setup_logging
+    from .tracing.setup import setup_tracing, tracer
 
 __all__ = [
     "Config",
@@ -34,9 +30,6 @@ __all__ = [
     "MetricsServerError",
     "PrometheusAlerter",
     "SentryAlerter",
-    "ServerWatchdog",
-    "WebsocketsIntegration",
-    "fire_all",
     "grant",
     "grant_user",
     "instrument",
@@ -54,15 +47,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PrometheusAlerter": "alerting",
-    "SentryAlerter": "alerting",
-    "ServerWatchdog": "alerting",
-    "WebsocketsIntegration": "alerting",
-    "fire_all": "alerting",
-    "watch_server": "alerting",
-    "setup_logging": "logging_config",
-    "setup_tracing": "opentelemetry_tracing",
-    "tracer": "opentelemetry_tracing",
+    "PrometheusAlerter": "alerting.alertmanager",
+    "SentryAlerter": "alerting.sentry",
+    "watch_server": "alerting.watchdog",
+    "setup_logging": "logging.setup",
+    "setup_tracing": "tracing.setup",
+    "tracer": "tracing.setup",
 }
 
 

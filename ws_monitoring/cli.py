@@ -38,16 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     alerters: list[object] = []
     if args.alertmanager:
-        from .alerting import PrometheusAlerter
+        from .alerting.alertmanager import PrometheusAlerter
 
         alerters.append(PrometheusAlerter(args.alertmanager, service="ws-demo"))
     if args.sentry:
-        from .alerting import SentryAlerter
+        from .alerting.sentry import SentryAlerter
 
         alerters.append(SentryAlerter())
 
     from .demo import run_demo
-    from .metrics_server import MetricsServerError
+    from .metrics.server import MetricsServerError
 
     try:
         with contextlib.suppress(KeyboardInterrupt):

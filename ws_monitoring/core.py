@@ -1,6 +1,6 @@
 """The sans-I/O core: connection events in, records and sink calls out.
 
-Adapters (:mod:`ws_monitoring.asyncio_server`, :mod:`ws_monitoring.sync_server`) feed a
+Adapters (:mod:`ws_monitoring.adapters.asyncio`, :mod:`ws_monitoring.adapters.sync`) feed a
 :class:`Monitor` with events; the monitor keeps per-connection :class:`ConnectionRecord`
 objects up to date and calls the sinks. Nothing here does I/O or takes a lock on the
 per-message path.
@@ -42,7 +42,22 @@ if TYPE_CHECKING:
     from websockets.http11 import Request, Response
     from websockets.protocol import Protocol
 
-__all__ = ["ConnectionRecord", "HandshakeRecord", "HistogramLayout", "Monitor", "sum_counts"]
+__all__ = [
+    "HANDSHAKE_ATTR",
+    "RECORD_ATTR",
+    "ConnectionRecord",
+    "HandshakeRecord",
+    "HistogramLayout",
+    "Monitor",
+    "monitor_of",
+    "record_of",
+    "sum_counts",
+]
+
+#: Attribute under which an adapter keeps a connection's record on the connection object.
+RECORD_ATTR = "_ws_monitoring_record"
+#: Attribute under which ``serve()``'s connection classes keep the handshake record.
+HANDSHAKE_ATTR = "_ws_monitoring_handshake"
 
 logger = logging.getLogger("ws_monitoring")
 
@@ -924,3 +939,30 @@ class Monitor:
 
 
 SinkFactory = Callable[[Config], Sink | None]
+
+
+def record_of(connection: Any) -> ConnectionRecord | None:
+    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet)."""
+    return getattr(connection, RECORD_ATTR, None)
+
+
+def monitor_of(target: Any) -> Monitor | None:
+    """The monitor of an instrumented handler, or of a websockets server serving one."""
+    handler = getattr(target, "handler", None)
+    for candidate in (target, handler):
+        monitor = getattr(candidate, "__ws_monitoring__", None)
+        if isinstance(monitor, Monitor):
+            return monitor
+    # websockets' Server.handler is its own wrapper, a closure over the handler
+    # given to serve() (``handler`` in websockets 13 to 17).
+    code = getattr(handler, "__code__", None)
+    closure = getattr(handler, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cell = dict(zip(code.co_freevars, closure, strict=False)).get("handler")
+    try:
+        inner = cell.cell_contents if cell is not None else None
+    except ValueError:  # an empty cell
+        return None
+    monitor = getattr(inner, "__ws_monitoring__", None)
+    return monitor if isinstance(monitor, Monitor) else None

@@ -22,8 +22,8 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
-from .instrument import serve
-from .metrics_server import start_metrics_server
+from .adapters.instrument import serve
+from .metrics.server import start_metrics_server
 
 __all__ = ["run_demo"]
 

@@ -5,8 +5,8 @@ Every sink emits client data only through what this module produces: the
 :meth:`Privacy.scrub` (span attributes, Alertmanager labels and annotations, log
 extras), :meth:`Privacy.scrub_text` (free text) and :meth:`Privacy.scrub_event`
 (Sentry events, inside ``before_send``). One :class:`Privacy` exists per instrumented
-server (``monitor.privacy``); :func:`privacy_of` finds it from a connection, a server
-or an instrumented handler.
+server (``monitor.privacy``); :func:`ws_monitoring.consent.privacy_of` finds it from a
+connection, a server or an instrumented handler.
 
 Defaults (no consent):
 
@@ -25,9 +25,10 @@ Defaults (no consent):
 
 Consent purposes (:data:`PURPOSES`): ``"ip"`` (raw client IP), ``"user"`` (raw user id),
 ``"payload"`` (message payloads in DEBUG logs, truncated to ``config.log_payloads``).
-Consent comes from, in order: an explicit per-connection :func:`grant`/:func:`withdraw`;
-a per-user entry (:meth:`Privacy.grant_user`/:meth:`Privacy.withdraw_user`, applying to
-that user's later connections); ``config.consent_resolver(request)``; else none.
+Consent comes from, in order: an explicit per-connection :func:`~ws_monitoring.grant` or
+:func:`~ws_monitoring.withdraw`; a per-user entry (:meth:`Privacy.grant_user` or
+:meth:`Privacy.withdraw_user`, applying to that user's later connections);
+``config.consent_resolver(request)``; else none.
 
 The client IP is the peer address, unless the peer is one of ``config.trusted_proxies``:
 then the ``Forwarded`` header (RFC 7239), or else ``X-Forwarded-For``, is walked from
@@ -41,7 +42,7 @@ attribute ``consent_entry``: ``time`` (UTC ISO-8601), ``action`` (``grant`` or
 ``withdraw``), ``scope`` (``connection`` or ``user``), ``subject`` (pseudonymous:
 ``user:<hash>``, ``ip:<hash>`` or ``connection:<uuid>``), ``connection_id``, ``purposes``
 (those granted or withdrawn), ``consent`` (the purposes in force afterwards) and
-``policy_version``. :func:`ws_monitoring.logging_config.setup_logging` writes it as JSON
+``policy_version``. :func:`ws_monitoring.logging.setup.setup_logging` writes it as JSON
 lines to its own file (``consent_journal=path``). It never holds a raw identifier.
 """
 
@@ -59,12 +60,9 @@ import secrets
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import Config
-
-if TYPE_CHECKING:
-    from .core import ConnectionRecord, Monitor
 
 __all__ = [
     "JOURNAL_LOGGER",
@@ -78,12 +76,7 @@ __all__ = [
     "Client",
     "Consent",
     "Privacy",
-    "grant",
-    "grant_user",
-    "privacy_of",
     "truncate_ip",
-    "withdraw",
-    "withdraw_user",
 ]
 
 logger = logging.getLogger("ws_monitoring.privacy")
@@ -800,143 +793,3 @@ _DROP: Any = object()
 def _check_version(policy_version: Any) -> None:
     if not isinstance(policy_version, str) or not policy_version:
         raise ValueError("policy_version: a non-empty string naming the policy consented to")
-
-
-# -- the application's API ------------------------------------------------------------------
-
-
-def _record_of(connection: Any) -> ConnectionRecord:
-    from .asyncio_server import RECORD_ATTR
-
-    record = getattr(connection, RECORD_ATTR, None)
-    if record is None:
-        raise ValueError(
-            "this connection is not instrumented by ws_monitoring (or its handler has not "
-            "started yet): grant and withdraw work inside an instrumented handler"
-        )
-    return record  # type: ignore[no-any-return]
-
-
-def monitor_of(target: Any) -> Monitor | None:
-    """The monitor of an instrumented handler, or of a websockets server serving one."""
-    from .core import Monitor
-
-    handler = getattr(target, "handler", None)
-    for candidate in (target, handler):
-        monitor = getattr(candidate, "__ws_monitoring__", None)
-        if isinstance(monitor, Monitor):
-            return monitor
-    # websockets' Server.handler is its own wrapper, a closure over the handler
-    # given to serve() (``handler`` in websockets 13 to 17).
-    code = getattr(handler, "__code__", None)
-    closure = getattr(handler, "__closure__", None)
-    if code is None or not closure:
-        return None
-    cell = dict(zip(code.co_freevars, closure, strict=False)).get("handler")
-    try:
-        inner = cell.cell_contents if cell is not None else None
-    except ValueError:  # an empty cell
-        return None
-    monitor = getattr(inner, "__ws_monitoring__", None)
-    return monitor if isinstance(monitor, Monitor) else None
-
-
-def privacy_of(target: Any) -> Privacy:
-    """The :class:`Privacy` of an instrumented connection, server, handler or monitor.
-
-    Raises:
-        TypeError: ``target`` is none of those.
-    """
-    from .asyncio_server import RECORD_ATTR
-    from .core import Monitor
-
-    if isinstance(target, Privacy):
-        return target
-    record = getattr(target, RECORD_ATTR, None)
-    if record is not None:
-        return record.monitor.privacy  # type: ignore[no-any-return]
-    if isinstance(target, Monitor):
-        return target.privacy
-    monitor = monitor_of(target)
-    if monitor is not None:
-        return monitor.privacy
-    raise TypeError(f"{target!r} is not an instrumented connection, server or handler")
-
-
-def _rebuild(record: ConnectionRecord, consent: Consent) -> None:
-    privacy: Privacy = record.monitor.privacy
-    record.client = privacy.client(
-        record.remote_address,
-        record.request,
-        username=getattr(record.connection, "username", None),
-        consent=consent,
-    )
-
-
-def _subject(record: ConnectionRecord) -> str:
-    return record.client.subject or f"connection:{record.id}"
-
-
-def grant(connection: Any, *, purposes: Iterable[str], policy_version: str) -> Client:
-    """Add ``purposes`` to the consent of this open connection; journaled.
-
-    ``record.client`` is rebuilt at once: later log lines and spans of this connection
-    carry the consented raw values. Returns the new :class:`Client`.
-
-    Raises:
-        ValueError: the connection is not instrumented, an unknown purpose, or an
-            empty ``policy_version``.
-    """
-    record = _record_of(connection)
-    granted = _check_purposes(purposes)
-    _check_version(policy_version)
-    consent = Consent(record.client.consent.purposes | granted, policy_version)
-    _rebuild(record, consent)
-    record.monitor.privacy.journal(
-        "grant", _subject(record), granted, consent, scope="connection", connection_id=record.id
-    )
-    return record.client
-
-
-def withdraw(
-    connection: Any,
-    *,
-    purposes: Iterable[str] | None = None,
-    policy_version: str | None = None,
-) -> Client:
-    """Withdraw ``purposes`` (all if ``None``) from this open connection; journaled.
-
-    Returns the new :class:`Client`.
-
-    Raises:
-        ValueError: the connection is not instrumented, or an unknown purpose.
-    """
-    record = _record_of(connection)
-    old = record.client.consent
-    removed = old.purposes if purposes is None else _check_purposes(purposes)
-    consent = Consent(old.purposes - removed, policy_version or old.policy_version)
-    _rebuild(record, consent)
-    record.monitor.privacy.journal(
-        "withdraw", _subject(record), removed, consent, scope="connection", connection_id=record.id
-    )
-    return record.client
-
-
-def grant_user(
-    target: Any, user_id: str, *, purposes: Iterable[str], policy_version: str
-) -> Consent:
-    """:meth:`Privacy.grant_user` on the server of ``target`` (see :func:`privacy_of`)."""
-    return privacy_of(target).grant_user(user_id, purposes=purposes, policy_version=policy_version)
-
-
-def withdraw_user(
-    target: Any,
-    user_id: str,
-    *,
-    purposes: Iterable[str] | None = None,
-    policy_version: str | None = None,
-) -> Consent:
-    """:meth:`Privacy.withdraw_user` on the server of ``target`` (see :func:`privacy_of`)."""
-    return privacy_of(target).withdraw_user(
-        user_id, purposes=purposes, policy_version=policy_version
-    )

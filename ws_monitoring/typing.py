@@ -14,12 +14,13 @@ task or thread sends (``websockets.broadcast`` included). Context-local state
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .core import ConnectionRecord, HandshakeRecord
 
-__all__ = ["NOT_SAMPLED", "Data", "MessageSink", "Sink"]
+__all__ = ["NOT_SAMPLED", "Alerter", "Data", "MessageSink", "Sink"]
 
 Data = str | bytes
 
@@ -93,3 +94,34 @@ class MessageSink(Sink, Protocol):
 
         A sink with an attribute ``wants_sent_messages = False`` is not called at all.
         """
+
+
+@runtime_checkable
+class Alerter(Protocol):
+    """What :func:`ws_monitoring.serve` accepts in ``alerters``.
+
+    An alerter may also implement any :class:`~ws_monitoring.typing.Sink` method
+    (``handler_failed``...) and the :class:`~ws_monitoring.typing.MessageSink` ones: the
+    alerting sink forwards those events to it. No method may block or raise.
+    """
+
+    def fire(
+        self,
+        alertname: str,
+        *,
+        severity: str,
+        summary: str,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """Raise (or keep raising) the alert identified by ``alertname`` and ``labels``."""
+
+    def resolve(self, alertname: str, labels: Mapping[str, str] | None = None) -> None:
+        """Resolve that alert; a no-op when it is not active."""
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Deliver what is queued within ``timeout`` seconds; ``True`` if all was."""
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush within ``timeout`` seconds, then stop; what is left is counted dropped."""

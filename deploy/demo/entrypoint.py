@@ -27,7 +27,7 @@ import sys
 def main(argv: list[str]) -> int:
     """Configure observability from the environment, then run ``ws-monitoring argv``."""
     from ws_monitoring.cli import main as cli_main
-    from ws_monitoring.logging_config import setup_logging
+    from ws_monitoring.logging.setup import setup_logging
 
     setup_logging(
         os.environ.get("WS_MONITORING_LOG_LEVEL", "INFO"),
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     log = logging.getLogger("ws_monitoring.entrypoint")
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         try:
-            from ws_monitoring.opentelemetry_tracing import setup_tracing
+            from ws_monitoring.tracing.setup import setup_tracing
 
             setup_tracing()
         except ImportError as exc:
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         try:
             import sentry_sdk
 
-            from ws_monitoring.sentry_integration import WebsocketsIntegration
+            from ws_monitoring.alerting.sentry import WebsocketsIntegration
 
             sentry_sdk.init(dsn=dsn, send_default_pii=False, integrations=[WebsocketsIntegration()])
         except ImportError as exc:

@@ -124,7 +124,7 @@ def _alerters(alertmanager: str | None) -> list[Any]:
     if not alertmanager:
         return []
     try:
-        from ws_monitoring.alertmanager import PrometheusAlerter
+        from ws_monitoring.alerting.alertmanager import PrometheusAlerter
     except ImportError:
         return []
     return [PrometheusAlerter(alertmanager, service="ws-demo-app", resend_interval=2.0)]
@@ -134,7 +134,7 @@ def _tracing(endpoint: str | None) -> bool:
     if not endpoint:
         return False
     try:
-        from ws_monitoring.opentelemetry_tracing import setup_tracing
+        from ws_monitoring.tracing.setup import setup_tracing
 
         setup_tracing(
             "ws-demo",

@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 
 import ws_monitoring
 from tests.deploy import stack
-from ws_monitoring.logging_config import setup_logging
+from ws_monitoring.logging.setup import setup_logging
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 SPAN_ID = 0xB7AD6B7169203331

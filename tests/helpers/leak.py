@@ -23,7 +23,7 @@ options=None)`` -> :class:`LeakRun`
     text payload and closes; a third request is rejected with 403. Every request
     carries the user id, ``Authorization: Bearer``, ``Cookie``, ``X-Api-Key`` and a
     query string with a token and the user id. ``consent`` is given per connection
-    with ``ws_monitoring.privacy.grant()`` in the handler (``consent_via="grant"``,
+    with ``ws_monitoring.grant()`` in the handler (``consent_via="grant"``,
     journaled) or from the handshake by ``consent_resolver`` (``"resolver"``).
     ``options`` are more ``ws_monitoring.serve`` options (a ``registry``, a tracing or
     alerting setup...); they override the scenario's. The call returns once both
@@ -61,9 +61,9 @@ from websockets.http11 import Request, Response
 
 import ws_monitoring
 from tests.helpers.servers import HOST, async_wait_until
+from ws_monitoring.consent import grant
 from ws_monitoring.core import ConnectionRecord, HandshakeRecord
-from ws_monitoring.logging_config import setup_logging
-from ws_monitoring.privacy import grant
+from ws_monitoring.logging.setup import setup_logging
 
 POLICY_VERSION = "privacy-policy-2024-06"
 PAYLOAD_LIMIT = 256

@@ -1,0 +1,284 @@
+"""asyncio adapter: feeds the core from ``websockets.asyncio.server`` connections.
+
+The handler receives the very same ``ServerConnection`` object websockets created, so
+identity, attributes, exceptions and close codes are unchanged. Two methods are
+shadowed on that instance (``recv`` and ``recv_streaming``) to time message handling,
+and two on its sans-I/O protocol (see :mod:`ws_monitoring.core`) to count frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from ws_monitoring.core import (
+    HANDSHAKE_ATTR,
+    RECORD_ATTR,
+    SPEEDUPS,
+    ConnectionRecord,
+    HandshakeRecord,
+    Monitor,
+    _speedups,
+)
+from ws_monitoring.typing import Data
+
+__all__ = ["instrument_async", "serve"]
+
+AsyncHandler = Callable[[ServerConnection], Awaitable[None]]
+HTTPHook = Callable[..., Awaitable[Response | None] | Response | None]
+
+
+#: Seconds the sinks get to flush (spans, alerts) when a server made by ``serve`` closes.
+SHUTDOWN_TIMEOUT = 5.0
+
+
+#: Where a connection's original ``recv``/``recv_streaming`` are found by ``TimedRecv``.
+_RECV_ATTR = "_ws_monitoring_recv"
+_RECV_STREAMING_ATTR = "_ws_monitoring_recv_streaming"
+#: True on connection classes whose ``recv`` methods are ``TimedRecv``'s.
+_TIMED_ATTR = "_ws_monitoring_timed"
+
+
+class RecvHooksBase:
+    """Per-connection hooks for a connection whose class ``serve`` did not make.
+
+    A handler wrapped by ``instrument()`` and run by a plain websockets server gets its
+    connection's ``recv``/``recv_streaming`` shadowed by bound methods of this small
+    object (the mixin's, bound to it): about 350 bytes per connection and three new keys
+    in the connection's ``__dict__``. Connections made by ``serve`` need none of this.
+    """
+
+    __slots__ = (RECORD_ATTR, _RECV_ATTR, _RECV_STREAMING_ATTR)
+
+    def __init__(self, connection: Any, record: ConnectionRecord) -> None:
+        setattr(self, RECORD_ATTR, record)
+        setattr(self, _RECV_ATTR, connection.recv)
+        setattr(self, _RECV_STREAMING_ATTR, connection.recv_streaming)
+
+    @classmethod
+    def install(cls, connection: Any, record: ConnectionRecord) -> None:
+        hooks: Any = cls(connection, record)
+        # ``async for message in connection`` calls ``self.recv()``: it picks this up too.
+        connection.recv = hooks.recv
+        connection.recv_streaming = hooks.recv_streaming
+
+
+class TimedRecv:
+    """``recv``/``recv_streaming`` timing how long each message is handled.
+
+    The methods of the connection class ``serve`` makes, where they cost nothing per
+    connection; or of :class:`_RecvHooks`. Either provides ``_ws_monitoring_record``
+    and, under ``_ws_monitoring_recv(_streaming)``, websockets' own methods.
+    """
+
+    __slots__ = ()
+    _ws_monitoring_record: ConnectionRecord
+    _ws_monitoring_recv: Callable[..., Awaitable[Data]]
+    _ws_monitoring_recv_streaming: Callable[..., AsyncIterator[Data]]
+
+    def recv(self, decode: bool | None = None) -> Awaitable[Data]:
+        # Not a coroutine function: the record's ``timed()`` (in C when built) wraps
+        # websockets' own coroutine, one layer less per message than an ``async def``.
+        return self._ws_monitoring_record.timed(self._ws_monitoring_recv(decode))
+
+    async def recv_streaming(self, decode: bool | None = None) -> AsyncIterator[Data]:
+        record = self._ws_monitoring_record
+        record.recv_started()
+        first = True
+        async for fragment in self._ws_monitoring_recv_streaming(decode):
+            if first:
+                first = False
+                record.recv_done(fragment)
+            yield fragment
+
+
+class _RecvHooks(TimedRecv, RecvHooksBase):
+    __slots__ = ()
+
+
+def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
+    """Wrap an asyncio connection handler so that ``monitor`` sees its connection."""
+
+    @functools.wraps(handler)
+    async def instrumented(connection: ServerConnection) -> None:
+        # No local variable for the handshake: this frame lives as long as the connection.
+        record = monitor.open(connection, handshake=getattr(connection, HANDSHAKE_ATTR, None))
+        setattr(connection, RECORD_ATTR, record)
+        if getattr(connection, HANDSHAKE_ATTR, None) is not None:
+            setattr(connection, HANDSHAKE_ATTR, None)  # see ConnectionRecord.handshake
+        if not getattr(connection, _TIMED_ATTR, False):  # not a class made by serve()
+            _RecvHooks.install(connection, record)
+        try:
+            await handler(connection)
+        except ConnectionClosed:
+            # The peer went away under the handler: not a handler bug; websockets
+            # closes with 1011 as for any exception, so do we.
+            await connection.close(1011)
+            raise
+        except Exception as exc:
+            monitor.failed(record, exc)
+            await connection.close(1011)
+            raise
+        except BaseException:
+            # CancelledError and the like: websockets' ``async with connection`` closes
+            # with 1011 for these too; close first so the record sees that code.
+            await connection.close(1011)
+            raise
+        else:
+            # What ``async with connection`` does next in websockets' server; doing it
+            # here lets the record see the final close code. Closing twice is a no-op.
+            await connection.close()
+        finally:
+            monitor.closed(record, connection.protocol)
+
+    instrumented.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    return instrumented
+
+
+def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
+    """A subclass of ``base`` that times and classifies the opening handshake."""
+    if not isinstance(base, type):
+        # websockets also takes a wrapper function here; it cannot be subclassed, so
+        # that server's handshakes are not timed (its connections are still counted).
+        return base
+
+    class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
+        __slots__ = (RECORD_ATTR, HANDSHAKE_ATTR)
+        # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
+        # With the speedups, recv() is a C method: no Python frame per message.
+        recv = _speedups.RecvMethod(base.recv) if SPEEDUPS else TimedRecv.recv
+        recv_streaming = TimedRecv.recv_streaming
+        _ws_monitoring_timed = True
+        _ws_monitoring_recv = base.recv
+        _ws_monitoring_recv_streaming = base.recv_streaming
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            setattr(self, HANDSHAKE_ATTR, monitor.handshake_started())
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            record: HandshakeRecord = getattr(self, HANDSHAKE_ATTR)
+            try:
+                await super().handshake(*args, **kwargs)
+            except asyncio.CancelledError:
+                # open_timeout expired (asyncio.timeout cancels the handshake).
+                _finish(monitor, record, self, failure="timeout")
+                raise
+            except Exception as exc:
+                _finish(monitor, record, self, failure="error", error=exc)
+                raise
+            else:
+                _finish(monitor, record, self)
+
+    InstrumentedServerConnection.__name__ = f"Instrumented{base.__name__}"
+    InstrumentedServerConnection.__qualname__ = InstrumentedServerConnection.__name__
+    return InstrumentedServerConnection
+
+
+def _finish(
+    monitor: Monitor,
+    record: HandshakeRecord,
+    connection: Any,
+    *,
+    failure: str | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Report how a handshake ended; shared by the asyncio and threading adapters."""
+    request, response = connection.request, connection.response
+    accepted = failure is None and connection.protocol.state is State.OPEN
+    if not accepted and failure is None and (response is None or response.status_code == 101):
+        # No response went out: the request was unreadable, or the client left first.
+        response = None
+        exc = connection.protocol.handshake_exc
+        # websockets wraps "EOF before a full request" in InvalidMessage too.
+        lost = exc is None or isinstance(exc.__cause__, EOFError)
+        failure = "connection_lost" if lost else "invalid_request"
+    health = bool(
+        response is not None
+        and response.status_code == 200
+        and getattr(connection, "_ws_monitoring_health", False)
+    )
+    monitor.handshake_finished(
+        record,
+        request=request,
+        response=response,
+        accepted=accepted,
+        error=error if error is not None else connection.protocol.handshake_exc,
+        failure=failure,
+        health_check=health,
+        remote_address=_peer(connection),
+    )
+
+
+def _peer(connection: Any) -> Any:
+    try:
+        return connection.remote_address
+    except OSError:  # the socket is already gone
+        return None
+
+
+def _is_upgrade(request: Request) -> bool:
+    """A WebSocket opening handshake: the health path then stays a WebSocket route."""
+    return "websocket" in request.headers.get("Upgrade", "").lower()
+
+
+def chain_process_request(user_hook: HTTPHook | None, health_path: str | None) -> HTTPHook | None:
+    """``process_request`` answering ``health_path``, then calling the user's hook."""
+    if health_path is None:
+        return user_hook
+
+    async def process_request(connection: Any, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] == health_path and not _is_upgrade(request):
+            connection._ws_monitoring_health = True
+            response: Response = connection.respond(200, "OK\n")
+            return response
+        if user_hook is None:
+            return None
+        result = user_hook(connection, request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return process_request
+
+
+def serve(
+    handler: AsyncHandler,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    monitor: Monitor,
+    create_connection: type[ServerConnection] | None = None,
+    process_request: HTTPHook | None = None,
+    **kwargs: Any,
+) -> Server:
+    """``websockets.asyncio.server.serve`` with ``monitor`` watching every connection."""
+    server = ws_serve(
+        instrument_async(handler, monitor),
+        host,
+        port,
+        create_connection=_connection_class(create_connection or ServerConnection, monitor),
+        process_request=chain_process_request(process_request, monitor.config.health_path),
+        **kwargs,
+    )
+    # Lets the privacy and logging layers find this server's monitor.
+    server.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
+    wait_closed = server.wait_closed
+
+    async def wait_closed_then_flush() -> None:
+        # ``async with serve(...)`` and ``serve_forever()`` both end here: flush the
+        # sinks (spans, alerts) within a deadline, off the event loop.
+        await wait_closed()
+        await asyncio.to_thread(monitor.shutdown, SHUTDOWN_TIMEOUT)
+
+    server.wait_closed = wait_closed_then_flush  # type: ignore[method-assign]
+    return server

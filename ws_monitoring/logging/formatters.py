@@ -1,0 +1,402 @@
+"""Formatters: one record, three shapes (flat JSON, ECS, text), never an invalid line.
+
+The fields of a record (:class:`_Fields`) are built once from the record, the
+connection it is about (:data:`current_connection`, or the ``websocket`` websockets puts
+on its own records) and the current span; each format lays them out its own way. See
+:mod:`ws_monitoring.logging.setup` for the formats' field lists.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import datetime
+import json
+import logging
+import logging.handlers
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ws_monitoring.core import record_of
+from ws_monitoring.privacy import JOURNAL_LOGGER, Privacy
+
+if TYPE_CHECKING:
+    from ws_monitoring.core import ConnectionRecord
+
+__all__ = [
+    "DEFAULT_SERVICE",
+    "ECS_VERSION",
+    "FORMATS",
+    "EcsFormatter",
+    "TextFormatter",
+    "current_connection",
+]
+
+FORMATS = ("json", "ecs", "text")
+ECS_VERSION = "8.11.0"
+DEFAULT_SERVICE = "unknown_service:python"
+
+#: The connection whose handler is running in this task/thread (set by the lifecycle
+#: sink), so that any record logged inside a handler carries its id and route.
+current_connection: contextvars.ContextVar[ConnectionRecord | None] = contextvars.ContextVar(
+    "ws_monitoring_connection", default=None
+)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "ws",
+    "ws_connection",
+    "websocket",
+}
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+_ECS_CONTEXT = {
+    "connection_id": "websocket.connection_id",
+    "route": "websocket.route",
+    "user_id": "user.id",
+    "trace_id": "trace.id",
+    "span_id": "span.id",
+    "error_type": "error.type",
+    "error_message": "error.message",
+    "stack_trace": "error.stack_trace",
+}
+
+
+def _utc(created: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(created, datetime.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _safe_str(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _span_ids() -> tuple[str | None, str | None]:
+    # Only look if someone imported OpenTelemetry: no import means no active span.
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return None, None
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None, None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def _connection_of(record: logging.LogRecord) -> ConnectionRecord | None:
+    connection = getattr(record, "ws_connection", None)
+    if connection is not None:
+        return connection  # type: ignore[no-any-return]
+    connection = current_connection.get()
+    if connection is not None:
+        return connection
+    websocket = getattr(record, "websocket", None)
+    if websocket is not None:
+        try:
+            return record_of(websocket)
+        except ReferenceError:
+            return None
+    return None
+
+
+class _Fields:
+    """Builds the canonical flat fields of a record; shared by the three formats."""
+
+    def __init__(
+        self,
+        service_name: str,
+        static_fields: Mapping[str, Any],
+        privacy: Privacy,
+        scrub: bool,
+        max_field_length: int,
+    ) -> None:
+        self.service_name = service_name
+        self.static_fields = dict(static_fields)
+        self.privacy = privacy
+        self.scrub = scrub
+        self.max = max_field_length
+
+    def clean(self, text: str, privacy: Privacy) -> str:
+        text = privacy.scrub_text(text) if self.scrub else _SURROGATE.sub("\ufffd", text)
+        if len(text) > self.max:
+            text = f"{text[: self.max]}...[{len(text) - self.max} more chars]"
+        return text
+
+    def bound(self, value: Any, depth: int = 0) -> Any:
+        """``value`` made JSON-safe: bounded strings, no surrogates, plain containers."""
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            value = _SURROGATE.sub("\ufffd", value)
+            return value if len(value) <= self.max else f"{value[: self.max]}...[cut]"
+        if depth > 32:
+            return "[depth limit]"
+        if isinstance(value, Mapping):
+            return {_safe_str(k): self.bound(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.bound(v, depth + 1) for v in value]
+        return self.bound(_safe_str(value), depth + 1)
+
+    def build(
+        self, record: logging.LogRecord, stack: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(context fields, event fields, extras) of ``record``."""
+        connection = _connection_of(record)
+        privacy = connection.monitor.privacy if connection is not None else self.privacy
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = f"{_safe_str(record.msg)} [bad log arguments]"
+        fields: dict[str, Any] = {
+            "timestamp": _utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": self.clean(message, privacy),
+            "service": self.service_name,
+            **self.static_fields,
+        }
+        if connection is not None:
+            fields["connection_id"] = connection.id
+            fields["route"] = connection.route
+            client = connection.client
+            if client.ip is not None:
+                fields["client_ip"] = client.ip
+            if client.user is not None:
+                fields["user_id"] = client.user
+        trace_id, span_id = _span_ids()
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
+            fields["span_id"] = span_id
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            fields["error_type"] = type(exc).__name__
+            fields["error_message"] = self.clean(_safe_str(exc), privacy)
+        if stack is None and record.exc_info:
+            stack = logging.Formatter().formatException(record.exc_info)
+        if stack is None and record.exc_text:
+            stack = record.exc_text
+        if stack:
+            fields["stack_trace"] = self.clean(stack, privacy)
+        # The lifecycle sink's fields are built from privacy-safe sources: no scrubbing.
+        event = getattr(record, "ws", None)
+        event = self.bound(event) if isinstance(event, Mapping) else {}
+        extras = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and k[0] != "_"}
+        if extras:
+            extras = self.bound(privacy.scrub(extras) if self.scrub else extras)
+        return fields, event, extras
+
+
+def _fallback_line(record: logging.LogRecord, exc: BaseException) -> str:
+    try:
+        stamp = _utc(record.created)
+    except (ValueError, OverflowError, OSError):
+        stamp = _utc(time.time())
+    return json.dumps(
+        {
+            "timestamp": stamp,
+            "level": record.levelname,
+            "logger": _safe_str(record.name),
+            "message": f"[log record could not be formatted: {type(exc).__name__}]",
+        }
+    )
+
+
+def _json_formatter_class() -> Callable[[_Fields], logging.Formatter]:
+    try:
+        from pythonjsonlogger.json import JsonFormatter
+    except ImportError:
+        raise ImportError(
+            "fmt='json' needs python-json-logger: pip install 'ws-monitoring[logging]' "
+            "(or use fmt='ecs', which has no dependency)"
+        ) from None
+
+    class WsJsonFormatter(JsonFormatter):
+        """python-json-logger with the canonical fields, scrubbed extras and ms UTC time."""
+
+        def __init__(self, fields: _Fields) -> None:
+            super().__init__(json_ensure_ascii=True, json_default=_safe_str)
+            self.fields = fields
+
+        def add_fields(
+            self,
+            log_data: dict[str, Any],
+            record: logging.LogRecord,
+            message_dict: dict[str, Any],
+        ) -> None:
+            stack = message_dict.pop("exc_info", None)
+            message_dict.pop("stack_info", None)
+            context, event, extras = self.fields.build(record, stack)
+            log_data.update(context)
+            log_data.update(event)
+            for key, value in extras.items():
+                log_data.setdefault(key, value)
+            if message_dict:
+                scrubbed = self.fields.privacy.scrub(message_dict) if self.fields.scrub else {}
+                for key, value in self.fields.bound(scrubbed or message_dict).items():
+                    log_data.setdefault(key, value)
+
+        def format(self, record: logging.LogRecord) -> str:
+            try:
+                record.getMessage()
+            except Exception:
+                # python-json-logger would fail on it: format a copy with a safe message.
+                record = copy.copy(record)
+                record.msg, record.args = f"{_safe_str(record.msg)} [bad log arguments]", None
+            try:
+                return str(super().format(record))
+            except Exception as exc:
+                return _fallback_line(record, exc)
+
+    return WsJsonFormatter
+
+
+def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``a.b.c``; a clash goes under ``labels``."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            tree.setdefault("labels", {})[dotted.replace(".", "_")] = _safe_str(value)
+            return
+        node = child
+    if isinstance(node.get(parts[-1]), dict):
+        tree.setdefault("labels", {})[dotted.replace(".", "_")] = _safe_str(value)
+        return
+    node[parts[-1]] = value
+
+
+class EcsFormatter(logging.Formatter):
+    """Elastic Common Schema JSON lines (see the module docstring)."""
+
+    def __init__(self, fields: _Fields) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            return json.dumps(self.document(record), ensure_ascii=True, default=_safe_str)
+        except Exception as exc:
+            return _fallback_line(record, exc)
+
+    def document(self, record: logging.LogRecord) -> dict[str, Any]:
+        context, event, extras = self.fields.build(record)
+        doc: dict[str, Any] = {
+            "@timestamp": context.pop("timestamp"),
+            "log": {
+                "level": context.pop("level").lower(),
+                "logger": context.pop("logger"),
+                "origin": {
+                    "file": {"name": record.filename, "line": record.lineno},
+                    "function": record.funcName,
+                },
+            },
+            "message": context.pop("message"),
+            "ecs": {"version": ECS_VERSION},
+            "service": {"name": context.pop("service")},
+            "process": {"pid": record.process, "thread": {"name": record.threadName}},
+        }
+        client_ip = context.pop("client_ip", None)
+        if client_ip is not None:
+            doc["client"] = {"address": client_ip}
+            if ":" in client_ip or "." in client_ip:
+                doc["client"]["ip"] = client_ip
+        for key, value in context.items():
+            _put(doc, _ECS_CONTEXT.get(key, key), value)
+        for key, value in event.items():
+            if key == "duration_s":
+                _put(doc, "event.duration", round(value * 1e9))
+            elif key == "event":
+                _put(doc, "event.action", value)
+                _put(doc, "event.dataset", "ws_monitoring")
+            else:
+                _put(doc, f"websocket.{key}", value)
+        for key, value in extras.items():
+            _put(doc, key, value)
+        return doc
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER MESSAGE key=value...`` then the stack trace, for terminals."""
+
+    def __init__(self, fields: _Fields) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            context, event, extras = self.fields.build(record)
+        except Exception as exc:
+            return _fallback_line(record, exc)
+        stack = context.pop("stack_trace", None)
+        head = " ".join(
+            (
+                context.pop("timestamp"),
+                f"{context.pop('level'):<8}",
+                context.pop("logger"),
+                context.pop("message").translate(_CONTROL),
+            )
+        )
+        context.pop("service")
+        pairs = " ".join(
+            f"{k}={_text_value(v)}" for k, v in (*context.items(), *event.items(), *extras.items())
+        )
+        line = f"{head} {pairs}" if pairs else head
+        return f"{line}\n{stack}" if stack else line
+
+
+def _text_value(value: Any) -> str:
+    text = _safe_str(value)
+    if not text or any(c in text for c in ' ="'):
+        return json.dumps(text, ensure_ascii=False).translate(_CONTROL)
+    return text.translate(_CONTROL)
+
+
+class _JournalFormatter(logging.Formatter):
+    """A consent journal line: the entry built by the privacy layer, plus the service."""
+
+    def __init__(self, service_name: str) -> None:
+        super().__init__()
+        self.service_name = service_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = getattr(record, "consent_entry", None)
+        if not isinstance(entry, Mapping):
+            entry = {"time": _utc(record.created), "message": _safe_str(record.msg)}
+        return json.dumps(
+            {**entry, "service": self.service_name}, ensure_ascii=True, default=_safe_str
+        )
+
+
+class _Router(logging.Formatter):
+    """Formats journal records as journal lines and everything else as log lines."""
+
+    def __init__(self, main: logging.Formatter, journal: logging.Formatter | None) -> None:
+        super().__init__()
+        self.main = main
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.journal is not None and record.name == JOURNAL_LOGGER:
+            return self.journal.format(record)
+        return self.main.format(record)
+
+
+class _Passthrough(logging.Formatter):
+    """The line formatted before queuing (``QueueHandler.prepare`` stored it in ``msg``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return str(record.msg)
