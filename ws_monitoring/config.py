@@ -29,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Config"]
 
 RouteGrouping = Sequence[str] | Callable[[str], str | None]
+#: What exception messages become in every sink (see ``Privacy.exception_text``).
+ExceptionMessages = Literal["scrub", "keep", "drop"]
 
 DEFAULT_SIZE_BUCKETS = (64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0)
 DEFAULT_DURATION_BUCKETS = (
@@ -179,6 +181,21 @@ class Config:
     #: Extracts a user id from the opening handshake request (pseudonymized unless consented).
     user_id_resolver: Callable[[Request], str | None] | None = None
 
+    # -- privacy of routes, tenants and exception messages (README: privacy table) -----
+    #: Use the raw path (query dropped) as the route when ``routes`` is None. UNSAFE: any
+    #: identifier in a path (ids, emails, tokens) becomes a label, a span name, a log field.
+    route_from_path: bool = False
+    #: Exception messages in logs, spans, Sentry and alerts: ``"scrub"`` (identifiers
+    #: masked), ``"keep"`` (as raised, unsafe) or ``"drop"`` (type and frames only).
+    exception_messages: ExceptionMessages = "scrub"
+    #: Tenant of a connection, from its opening handshake request (``None``: unknown).
+    tenant: Callable[[Request], str | None] | None = None
+    #: The tenants with their own ``tenant`` label value; others are ``__other__``.
+    #: ``None``: the first ``max_tenants`` seen (see ``labels.LabelTable``).
+    tenants: Collection[str] | None = None
+    #: Distinct ``tenant`` values per server without an allow-list.
+    max_tenants: int = 20
+
     # -- alerting ---------------------------------------------------------------------
     #: Alerters (``SentryAlerter``, ``PrometheusAlerter``) that receive critical failures.
     alerters: Sequence[Any] = ()
@@ -268,10 +285,40 @@ class Config:
             for template in self.routes:
                 if not isinstance(template, str) or not template.startswith("/"):
                     raise ValueError(f"routes: template {template!r} must start with '/'")
+        self._check_privacy_options()
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         object.__setattr__(self, "alerters", tuple(self.alerters))
         object.__setattr__(self, "sinks", tuple(self.sinks))
 
+    def _check_privacy_options(self) -> None:
+        if self.exception_messages not in EXCEPTION_MESSAGES:
+            raise ValueError(
+                f"exception_messages must be one of {', '.join(map(repr, EXCEPTION_MESSAGES))}, "
+                f"got {self.exception_messages!r}"
+            )
+        if self.route_from_path and self.routes is not None:
+            raise ValueError("route_from_path=True and routes= exclude each other")
+        if self.tenant is not None and not callable(self.tenant):
+            raise ValueError("tenant must be a function request -> str | None")
+        if self.max_tenants < 1:
+            raise ValueError(f"max_tenants must be at least 1, got {self.max_tenants}")
+        if self.tenants is not None:
+            if self.tenant is None:
+                raise ValueError("tenants= needs tenant= (the function that finds the tenant)")
+            if isinstance(self.tenants, str):
+                raise ValueError("tenants: pass a collection of tenant names, not a single string")
+            for name in self.tenants:
+                if not isinstance(name, str) or not _TENANT.fullmatch(name):
+                    raise ValueError(
+                        f"tenants: {name!r} must be 1 to 64 printable characters, not a "
+                        "reserved __name__"
+                    )
+            object.__setattr__(self, "tenants", frozenset(self.tenants))
+
+
+#: Values of ``exception_messages``.
+EXCEPTION_MESSAGES = ("scrub", "keep", "drop")
+_TENANT = re.compile(r"(?!__)[^\x00-\x1f\x7f-\x9f]{1,64}")
 
 #: Fields that environment variables can set, validated in ``__post_init__``.
 _ENV_FIELDS = {
