@@ -666,9 +666,10 @@ class Privacy:
     def format_exception(self, exc: BaseException) -> str:
         """A traceback of ``exc`` and the exceptions it chains, messages by the rule.
 
-        Stack frames (file, line, function, source line: the application's code) as
-        :mod:`traceback` shows them, at most 32 per exception and 8 exceptions; each
-        exception line is :meth:`exception_summary`.
+        Stack frames (file, line, function, source line) as :mod:`traceback` shows
+        them, through :meth:`scrub_text` (source lines may hold literals), at most 32
+        per exception and 8 exceptions; each exception line is
+        :meth:`exception_summary`. No final newline, as ``logging`` formats them.
         """
         chain: list[tuple[BaseException, str]] = []
         seen: set[int] = set()
@@ -690,10 +691,11 @@ class Privacy:
             if index:
                 parts.append(chain[len(chain) - index][1])
             if item.__traceback__ is not None:
+                frames = traceback.format_tb(item.__traceback__, limit=-_MAX_FRAMES)
                 parts.append("Traceback (most recent call last):\n")
-                parts.extend(traceback.format_tb(item.__traceback__, limit=-_MAX_FRAMES))
+                parts.append(self.scrub_text("".join(frames)))
             parts.append(self.exception_summary(item) + "\n")
-        return "".join(parts)
+        return "".join(parts)[:-1]
 
     def scrub(self, mapping: Mapping[Any, Any], *, keep: Iterable[str] = ()) -> dict[str, Any]:
         """A copy of ``mapping`` safe to emit; the input is not modified.
