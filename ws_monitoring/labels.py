@@ -85,6 +85,8 @@ MAX_LABEL_LENGTH = 128
 MAX_TENANT_LENGTH = 64
 #: Sightings a new value needs once its table is half full (see :class:`LabelTable`).
 ADMIT_AFTER = 3
+#: Candidates (values not admitted yet) whose sightings a table counts, per admitted value.
+CANDIDATES = 8
 #: ``tenant`` of a connection whose tenant is unknown (the function returned None).
 NO_TENANT = "__none__"
 #: ``tenant`` of the tenants past the allow-list or the ``max_tenants`` cap.
@@ -114,15 +116,18 @@ class LabelTable:
     While fewer than half of ``limit`` values are admitted, a new value is admitted at
     once. Past that, a value is admitted on its :data:`ADMIT_AFTER`-th sighting: values
     seen once (a scanner, a typo, an attacker's junk) cannot crowd out values in steady
-    use. Sightings are counted for at most ``limit`` candidates; a new candidate first
-    evicts the oldest seen only once. Memory: ``2 * limit`` values at most. Thread-safe;
-    a known value costs one dict lookup and no lock.
+    use. Sightings are counted for at most ``CANDIDATES * limit`` candidates; a new one
+    evicts the oldest candidate seen only once (else the oldest): a value seen twice
+    is never evicted by one-off values, and a value seen once survives the next
+    ``CANDIDATES * limit`` one-off values. Memory: ``(CANDIDATES + 1) * limit`` values
+    at most. Thread-safe; a known value costs one dict lookup and no lock.
     """
 
     def __init__(self, limit: int, overflow: str, *, admit_after: int = ADMIT_AFTER) -> None:
         self._limit = limit
         self._free = (limit + 1) // 2
         self._admit_after = admit_after
+        self._max_candidates = CANDIDATES * limit
         self._overflow = overflow
         self._seen: dict[str, str] = {}
         self._candidates: dict[str, int] = {}
@@ -164,7 +169,7 @@ class LabelTable:
         count = candidates.pop(value, 0) + 1
         if count >= self._admit_after:
             return True
-        if count == 1 and len(candidates) >= self._limit:
+        if count == 1 and len(candidates) >= self._max_candidates:
             # Make room: the oldest candidate seen once, else the oldest of all.
             victim = next((k for k, n in candidates.items() if n == 1), next(iter(candidates)))
             del candidates[victim]
