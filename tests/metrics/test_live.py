@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import text_fd_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
-from tests.helpers.scrape import Samples, fetch, scrape
+from tests.helpers.otlp import OtlpHttpReceiver
+from tests.helpers.scrape import OPENMETRICS, Samples, fetch, scrape
 from tests.helpers.servers import async_server, wait_until
+from tests.helpers.system import free_port
+from tests.metrics.test_multiprocess import Worker
 from ws_monitoring import MetricsServer, start_metrics_server
 from ws_monitoring.metrics import live as live_module
 
@@ -229,3 +236,130 @@ def test_samples_from_before_a_gap_are_dropped(
         doc = live_json(server)
     assert len(doc["history"]["t"]) == 1
     assert doc["history"]["dt"] == [None]
+
+
+# -- tracing: the slowest recent message ------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_provider() -> Iterator[None]:
+    """OpenTelemetry's global provider is set-once: reset it around the test."""
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    def reset() -> None:
+        trace._TRACER_PROVIDER_SET_ONCE = Once()
+        trace._TRACER_PROVIDER = None
+
+    reset()
+    yield
+    reset()
+
+
+async def slow_echo(websocket: ServerConnection) -> None:
+    async for message in websocket:
+        if message == "slow":
+            await asyncio.sleep(0.05)
+        await websocket.send(message)
+
+
+@pytest.mark.usefixtures("fresh_provider")
+async def test_the_slowest_traced_message(
+    registry: CollectorRegistry, metrics_server: MetricsServer
+) -> None:
+    from ws_monitoring.tracing.setup import setup_tracing
+
+    receiver = OtlpHttpReceiver()
+    handle = setup_tracing(
+        service_name="live-test", endpoint=receiver.url, sample_ratio=1.0, schedule_delay=0.02
+    )
+    try:
+        async with async_server(slow_echo, monitoring={"registry": registry}) as srv:
+            async with connect(srv.url("/chat")) as client:
+                for message in ("fast", "slow", "fast"):
+                    await client.send(message)
+                    await client.recv()
+            spans = await asyncio.to_thread(
+                receiver.wait, lambda s: sum(x.name == "process /chat" for x in s) == 3
+            )
+            _, _, body = await asyncio.to_thread(fetch, metrics_server.url, accept=OPENMETRICS)
+            doc = await asyncio.to_thread(live_json, metrics_server)
+    finally:
+        handle.shutdown(timeout=2)
+        receiver.close()
+    slowest = max((s for s in spans if s.name == "process /chat"), key=lambda s: s.end - s.start)
+    exemplars = {
+        sample.exemplar.labels["trace_id"]: sample.exemplar
+        for family in text_fd_to_metric_families(io.StringIO(body))
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    exemplar = exemplars[slowest.trace_id]
+    assert "slowest" not in doc["unavailable"]
+    assert doc["slowest"] == {
+        "trace_id": slowest.trace_id,
+        "seconds": exemplar.value,
+        "route": "/chat",
+        "time": pytest.approx(float(exemplar.timestamp), abs=1e-6),
+    }
+    assert doc["slowest"]["seconds"] >= 0.05
+    tracing = {s["metric"] for s in doc["sinks"]["tracing"]}
+    assert {"ws_monitoring_spans_exported_total", "ws_monitoring_spans_dropped_total"} <= tracing
+
+
+# -- multiprocess mode ---------------------------------------------------------------------------
+
+
+async def test_live_json_in_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    port = free_port()
+    workers = [Worker(port, directory), Worker(port, directory)]
+    try:
+        with start_metrics_server(0, "127.0.0.1") as metrics:
+            await asyncio.to_thread(live_json, metrics)
+            for _ in range(10):
+                async with connect(f"ws://127.0.0.1:{port}/chat") as client:
+                    await client.send("ping")
+                    await client.recv()
+            held = [await connect(f"ws://127.0.0.1:{port}/room") for _ in range(3)]
+
+            def quiet_mp() -> Samples | None:
+                samples = scrape(metrics.url)
+                return (
+                    samples
+                    if samples.total("websocket_disconnections_total") == 10
+                    and samples.total("websocket_connections_active") == 3
+                    and samples.total("websocket_messages_total") == 20
+                    else None
+                )
+
+            samples = await asyncio.to_thread(wait_until, quiet_mp)
+            doc = await asyncio.to_thread(next_sample, metrics, 2)
+            for client in held:
+                await client.close()
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert doc["multiprocess"] is True
+    assert doc["unavailable"] == {
+        "crashes": "multiprocess mode: each worker keeps its own (see its logs)",
+        "slowest": "multiprocess mode: exemplars do not exist there",
+        "logging": "no log metrics in this registry",
+    }
+    assert doc["totals"] == {
+        "connections": 3, "opened": 13, "closed": 10, "messages_in": 10, "messages_out": 10,
+        "bytes_in": 40, "bytes_out": 40, "errors": {}, "close_codes": {"1000": 10},
+        "handshake_failures": {},
+    }  # fmt: skip
+    assert (
+        doc["routes"]["/chat"]["opened"]
+        == samples["websocket_connections_total", {"route": "/chat"}]
+    )
+    assert doc["routes"]["/room"]["connections"] == 3
+    assert doc["history"]["opened"] == [None, 13]
+    assert doc["crashes"] == []
+    assert doc["slowest"] is None
