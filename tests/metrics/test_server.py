@@ -437,6 +437,14 @@ def test_tls(registry: CollectorRegistry, certificate: tuple[Path, Path]) -> Non
         with urllib.request.urlopen(request, context=context, timeout=10) as response:
             assert response.status == 200
             assert b"demo_events_total 3.0" in response.read()
+        # The live page is behind the same TLS and token.
+        assert server.live_url == f"https://127.0.0.1:{server.port}/live"
+        live = urllib.request.Request(server.live_url + ".json", headers=request.headers)
+        with urllib.request.urlopen(live, context=context, timeout=10) as response:
+            assert response.headers["Content-Type"] == "application/json"
+        with pytest.raises(urllib.error.HTTPError, match="401") as refused:
+            urllib.request.urlopen(server.live_url, context=context, timeout=10)
+        refused.value.close()
         # A client that does not trust the certificate is refused...
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             urllib.request.urlopen(server.url, timeout=10)
