@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,6 +212,40 @@ def test_the_page_needs_the_credentials_metrics_needs(registry: CollectorRegistr
             status, _, body = fetch(base + path)
             assert (status, body) == (401, "Unauthorized\n")
             assert fetch(base + path, headers={"Authorization": "Bearer t0k3n"})[0] == 200
+
+
+def test_the_browser_is_asked_for_basic_credentials(registry: CollectorRegistry) -> None:
+    with start_metrics_server(
+        0, "127.0.0.1", registry=registry, username="ops", password="pw"
+    ) as server:
+        assert server.live_url is not None
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(server.live_url, timeout=10)
+        assert caught.value.code == 401
+        assert caught.value.headers["WWW-Authenticate"] == 'Basic realm="metrics"'
+        caught.value.close()
+        token = base64.b64encode(b"ops:pw").decode()
+        assert fetch(server.live_url, headers={"Authorization": f"Basic {token}"})[0] == 200
+
+
+async def test_the_last_20_crashes_newest_first(
+    registry: CollectorRegistry, metrics_server: MetricsServer
+) -> None:
+    options = {"registry": registry, "tracing": False, "log_lifecycle": False}
+    async with async_server(app, monitoring=options) as srv:
+        for n in range(25):
+            async with connect(srv.url(f"/crash/{n}")) as client:
+                await client.send("boom")
+                with pytest.raises(ConnectionClosed):
+                    await client.recv()
+        await asyncio.to_thread(wait_until, lambda: quiet(metrics_server, 0, 25, 25))
+        doc = await asyncio.to_thread(live_json, metrics_server)
+    routes = [crash["route"] for crash in doc["crashes"]]
+    assert routes == [f"/crash/{n}" for n in reversed(range(5, 25))]
+    assert [crash["time"] for crash in doc["crashes"]] == sorted(
+        (crash["time"] for crash in doc["crashes"]), reverse=True
+    )
+    assert doc["totals"]["errors"] == {"handler_exception": 25}
 
 
 def test_history_is_a_bounded_ring(
