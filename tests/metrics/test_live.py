@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_fd_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
@@ -400,3 +401,30 @@ async def test_live_json_in_multiprocess_mode(
     assert doc["history"]["opened"] == [None, 13]
     assert doc["crashes"] == []
     assert doc["slowest"] is None
+
+
+def test_quantile_estimates_as_promql_does() -> None:
+    inf = math.inf
+    buckets = [(0.1, 2.0), (0.5, 6.0), (1.0, 8.0), (inf, 10.0)]
+    assert live_module.quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * 3 / 4)
+    assert live_module.quantile(0.1, buckets) == pytest.approx(0.05)
+    # In +Inf: the last finite bound.
+    assert live_module.quantile(0.99, buckets) == 1.0
+    assert live_module.quantile(0.5, [(0.1, 0.0), (inf, 0.0)]) is None
+    assert live_module.quantile(0.5, []) is None
+    assert live_module.quantile(0.0, [(0.1, 0.0), (0.2, 0.0), (inf, 3.0)]) == 0.1
+
+
+def test_a_broken_collector_gives_500(registry: CollectorRegistry) -> None:
+    class Broken:
+        def collect(self) -> Iterator[Metric]:
+            raise RuntimeError("collector bug")
+
+    registry.register(Broken())  # type: ignore[arg-type]
+    with start_metrics_server(0, "127.0.0.1", registry=registry) as server:
+        assert server.live_url is not None
+        status, _, body = fetch(server.live_url + ".json")
+        assert status == 500
+        assert "collector bug" in body
+        # The page itself still loads (and will say so), and the server survives.
+        assert fetch(server.live_url)[0] == 200

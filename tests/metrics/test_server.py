@@ -154,6 +154,18 @@ def test_a_stalled_client_is_dropped(
         assert stalled.recv(1024) == b""
 
 
+def test_close_ends_open_connections(registry: CollectorRegistry) -> None:
+    server = start_metrics_server(0, "127.0.0.1", registry=registry)
+    with socket.create_connection(("127.0.0.1", server.port)) as stalled:
+        stalled.sendall(b"GET /metr")
+        wait_until(lambda: server._server._conns, what="the connection admitted")
+        server.close()
+        stalled.settimeout(5)
+        assert stalled.recv(1024) == b""
+    # Closed by close(): not a drop.
+    assert sum(server._server.stats.dropped.values()) == 0
+
+
 def test_a_broken_collector_gives_500(metrics_server: MetricsServer) -> None:
     class Broken:
         def collect(self) -> Iterator[object]:
@@ -448,9 +460,10 @@ def test_tls(registry: CollectorRegistry, certificate: tuple[Path, Path]) -> Non
         # A client that does not trust the certificate is refused...
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             urllib.request.urlopen(server.url, timeout=10)
-        # ...plain HTTP gets nothing...
+        # ...plain HTTP gets nothing (a failed TLS handshake, counted)...
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(server.url.replace("https:", "http:"), timeout=10)
+        wait_until(lambda: dropped_in(registry, "tls") >= 1, what="a TLS drop")
         # ...and a client stalled in the TLS handshake does not block the others.
         with (
             socket.create_connection(("127.0.0.1", server.port)),
