@@ -22,7 +22,7 @@ from websockets.sync.server import ServerConnection as SyncServerConnection
 from tests.helpers.servers import RawClient, async_server, async_wait_until, sync_server_async
 from ws_monitoring.config import Config
 from ws_monitoring.core import RECORD_ATTR
-from ws_monitoring.logging.formatters import current_connection
+from ws_monitoring.logging.context import current_connection
 from ws_monitoring.logging.lifecycle import LifecycleLogSink, MessageLogSink, build_sink
 from ws_monitoring.logging.setup import LoggingSetup, setup_logging
 from ws_monitoring.typing import MessageSink
