@@ -23,6 +23,7 @@ from websockets.asyncio.server import serve as ws_serve
 
 import ws_monitoring
 from tests.helpers.servers import HOST, async_server, async_wait_until
+from tests.logging.helpers import bare_root
 from ws_monitoring.config import Config
 from ws_monitoring.core import RECORD_ATTR
 from ws_monitoring.logging.formatters import ECS_VERSION
@@ -244,21 +245,22 @@ def test_calling_twice_never_duplicates(capture: Capture) -> None:
 
 
 def test_root_logger_is_left_alone_unless_asked(capture: Capture) -> None:
-    root = logging.getLogger()
-    before = (list(root.handlers), root.level)
-    capture.setup("DEBUG")
-    assert (list(root.handlers), root.level) == before
-    assert logging.getLogger("ws_monitoring").propagate is False
-    logging.getLogger("myapp").warning("not ours")
-    assert capture.text() == ""
-    setup = capture.setup("INFO", root=True)
-    assert root.level == logging.INFO
-    logging.getLogger("myapp").warning("now ours")
-    log.info("ours too")
-    assert [line["message"] for line in capture.lines()] == ["now ours", "ours too"]
-    setup.close()
-    assert (list(root.handlers), root.level) == before
-    assert logging.getLogger("ws_monitoring").propagate is True
+    with bare_root():
+        root = logging.getLogger()
+        before = (list(root.handlers), root.level)
+        capture.setup("DEBUG")
+        assert (list(root.handlers), root.level) == before
+        assert logging.getLogger("ws_monitoring").propagate is False
+        logging.getLogger("myapp").warning("not ours")
+        assert capture.text() == ""
+        setup = capture.setup("INFO", root=True)
+        assert root.level == logging.INFO
+        logging.getLogger("myapp").warning("now ours")
+        log.info("ours too")
+        assert [line["message"] for line in capture.lines()] == ["now ours", "ours too"]
+        setup.close()
+        assert (list(root.handlers), root.level) == before
+        assert logging.getLogger("ws_monitoring").propagate is True
 
 
 def test_levels_and_websockets_debug(capture: Capture) -> None:
