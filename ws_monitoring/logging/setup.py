@@ -93,7 +93,7 @@ from .handlers import (
     TimedRotatingFileOutput,
 )
 
-__all__ = ["LoggingSetup", "setup_logging"]
+__all__ = ["LoggingSetup", "configured", "setup_logging"]
 
 #: websockets' messages that the lifecycle logs replace (see module docstring).
 _WEBSOCKETS_LIFECYCLE = frozenset(
@@ -257,6 +257,11 @@ def _previous() -> set[LoggingSetup]:
                 if owner is not None:
                     owners.add(owner)
     return owners
+
+
+def configured() -> bool:
+    """Whether a :func:`setup_logging` call is in force (not closed since)."""
+    return bool(_previous())
 
 
 def _application_handlers() -> list[logging.Handler]:
