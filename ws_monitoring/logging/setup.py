@@ -32,7 +32,10 @@ client fields come from the connection's :class:`~ws_monitoring.privacy.Client` 
 What is configured: the ``ws_monitoring`` and ``websockets`` loggers (levels, handlers,
 ``propagate=False`` so nothing reaches the application's root handlers twice), and the
 ``ws_monitoring.consent`` journal when ``consent_journal`` is given. The root logger
-is touched only with ``root=True``. ``websockets`` stays at INFO or above unless
+is touched only with ``root=True``; when the application already gave it handlers,
+``root=True`` adds none of its own but sends ws-monitoring's and websockets' records
+through them, each with a :class:`~ws_monitoring.logging.context.ConnectionContextFilter`
+(every line once, in the application's format). ``websockets`` stays at INFO or above unless
 ``websockets_level`` says otherwise, because its DEBUG lines carry frame payloads.
 Calling :func:`setup_logging` again first removes what the previous call installed.
 
@@ -49,7 +52,9 @@ I/O: by default records are formatted in the caller (so context-local state such
 the current connection and the current span is read where the record was made), then
 written by one background thread through a bounded queue (``queue_size``); when it is
 full, records are dropped and counted (:attr:`LoggingSetup.dropped`) instead of
-blocking an event loop. ``background=False`` writes synchronously.
+blocking an event loop. ``background=False`` writes synchronously. An output that
+fails to write (a full disk) reports it once on standard error and counts every record
+it loses (:mod:`ws_monitoring.logging.handlers`): no traceback per record.
 """
 
 from __future__ import annotations
