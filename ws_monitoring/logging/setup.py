@@ -54,7 +54,6 @@ blocking an event loop. ``background=False`` writes synchronously.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import logging.handlers
 import os
@@ -66,7 +65,14 @@ from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any
 
 from ws_monitoring.config import Config
-from ws_monitoring.core import HANDSHAKE_ATTR, monitor_of, record_of
+from ws_monitoring.core import (
+    HANDSHAKE_ATTR,
+    at_exit,
+    forget_at_exit,
+    monitor_of,
+    record_of,
+    shutdown_step,
+)
 from ws_monitoring.privacy import JOURNAL_LOGGER, Privacy
 
 from .formatters import (
@@ -114,10 +120,22 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
 
 
 class _Listener(logging.handlers.QueueListener):
-    def enqueue_sentinel(self) -> None:
-        # The queue may be full: wait for room rather than fail to stop.
+    def stop_by(self, deadline: float) -> bool:
+        """Write what is queued and stop, by ``deadline`` (``time.monotonic()``);
+        whether the thread is done (else it is left writing: it is a daemon)."""
         q: queue.Queue[Any] = self.queue  # type: ignore[assignment]
-        q.put(None, timeout=10.0)
+        thread = self._thread
+        try:
+            # The queue may be full: wait for room rather than fail to stop.
+            q.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            return False
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+        self._thread = None
+        return True
 
 
 def _only(name: str, keep: bool) -> logging.Filter:
@@ -217,14 +235,19 @@ class LoggingSetup:
             handler.flush()
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Write what is queued, detach and close every handler, and restore the levels
-        and ``propagate`` flags of the loggers it configured. Idempotent."""
+        and ``propagate`` flags of the loggers it configured. Idempotent.
+
+        Writing the queue takes ``timeout`` seconds at most, and never goes past the
+        shared shutdown deadline (:func:`ws_monitoring.core.shutdown_step`): at exit,
+        this runs by itself, side by side with the other sinks' exit hooks.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self.close)
+        forget_at_exit(self.close)
         for logger, handler in self._attached:
             logger.removeHandler(handler)
         if self._ws_filter is not None:
@@ -234,7 +257,10 @@ class LoggingSetup:
         for name, level in self._levels.items():
             logging.getLogger(name or None).setLevel(level)
         if self._listener is not None:
-            self._listener.stop()
+            with shutdown_step(timeout) as deadline:
+                if not self._listener.stop_by(deadline):
+                    # Still writing: its handlers stay open for it (the process is ending).
+                    return
         for handler in self.handlers:
             handler.close()
 
@@ -432,5 +458,5 @@ def setup_logging(
         propagate=propagate,
         levels=levels,
     )
-    atexit.register(setup.close)
+    at_exit(setup.close)
     return setup
