@@ -461,10 +461,12 @@ def test_capture_never_blocks_and_the_transport_queue_is_bounded(
             alerter.fire(f"Alert{index}", severity="error", summary=f"alert {index}")
         # The alerter's worker hands them to the transport, whose queue takes two.
         wait_until(
-            lambda: Samples(ws_monitoring_exposition(registry)).get(
-                "ws_monitoring_alerts_total", sink="sentry", outcome="dropped"
-            )
-            == 8,
+            lambda: (
+                Samples(ws_monitoring_exposition(registry)).get(
+                    "ws_monitoring_alerts_total", sink="sentry", outcome="dropped"
+                )
+                == 8
+            ),
             what="8 events dropped",
         )
         samples = Samples(ws_monitoring_exposition(registry))
@@ -568,15 +570,17 @@ async def test_foreign_breadcrumbs_holding_dead_weak_proxies_are_scrubbed(
     assert crumbs["websocket.message"]["data"]["direction"] == "in"
 
 
-async def run_and_crash(handler: Any, alerter: Any, *alerters: Any, **options: Any) -> None:
-    """One connection sends "go" and waits for the close; ``alerters`` come first."""
-    async with (
-        serving(handler, *alerters, alerter, **options) as (_, url),
-        connect(f"{url}/") as client,
-    ):
-        await client.send("go")
-        with contextlib.suppress(ConnectionClosed):
-            await client.recv()
+async def run_and_crash(
+    handler: Any, alerter: Any, *alerters: Any, repeat: int = 1, **options: Any
+) -> None:
+    """``repeat`` connections, one after the other, send "go" and wait for the close;
+    ``alerters`` come first."""
+    async with serving(handler, *alerters, alerter, closes=repeat, **options) as (_, url):
+        for _ in range(repeat):
+            async with connect(f"{url}/") as client:
+                await client.send("go")
+                with contextlib.suppress(ConnectionClosed):
+                    await client.recv()
 
 
 async def test_events_after_the_close_carry_the_close_code(
@@ -669,3 +673,152 @@ def test_shutdown_flushes_and_the_cooldown_table_is_bounded(
     alerter.shutdown(5)
     messages = [e["message"] for e in sentinel(receiver, alerter)]
     assert messages == [f"a{i}" for i in range(6)] + ["a0 again"]
+
+
+# -- crash storms: nothing on the connection's thread but a few reads (issue 19) -----------
+
+
+async def test_a_crash_event_is_built_scrubbed_and_sent_off_the_connection_thread(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    pipeline: list[str] = []
+
+    def before_send(event: Any, hint: Any) -> Any:
+        # Runs after the processors and the privacy layer, in the same thread.
+        pipeline.append(threading.current_thread().name)
+        return event
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry, before_send=before_send)
+    handler_threads: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        handler_threads.append(threading.current_thread().name)
+        await ws.recv()
+        raise ValueError("crash")
+
+    await run_and_crash(handler, alerter)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
+    assert event["exception"]["values"][-1]["type"] == "ValueError"
+    # The crash event and the sentinel; the crash's log records built no event at all.
+    assert len(pipeline) == 2
+    assert handler_threads[0] not in pipeline
+
+
+async def test_a_crash_storm_is_rate_limited_per_fingerprint(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, rate_limit=3, rate_window=3600)
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        raise ValueError("bad json") if ws.request.path == "/a" else KeyError("missing")  # type: ignore[union-attr]
+
+    async with serving(handler, alerter, closes=14) as (_, url):
+        for path in ["/a"] * 12 + ["/b"] * 2:
+            async with connect(f"{url}{path}") as client:
+                await client.send("go")
+                with contextlib.suppress(ConnectionClosed):
+                    await client.recv()
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
+    types = [e["exception"]["values"][-1]["type"] for e in events]
+    # A burst of three per fingerprint (route and exception type); another one has its own.
+    assert sorted(types) == ["KeyError"] * 2 + ["ValueError"] * 3
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 5
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 9
+
+
+async def test_the_rate_limit_refills_and_can_be_turned_off(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    limited = SentryAlerter(receiver.dsn, registry=registry, rate_limit=1, rate_window=0.2)
+    await run_and_crash(crash_on_message, limited, repeat=2)
+    assert len(await asyncio.to_thread(sentinel, receiver, limited)) == 1
+    # One token per rate_window / rate_limit seconds.
+    await asyncio.sleep(0.3)
+    await run_and_crash(crash_on_message, limited)
+    assert len(await asyncio.to_thread(sentinel, receiver, limited)) == 2
+    with pytest.raises(ValueError, match="rate_limit"):
+        SentryAlerter(receiver.dsn, rate_limit=0)
+    with pytest.raises(ValueError, match="rate_window"):
+        SentryAlerter(receiver.dsn, rate_window=0)
+
+    unlimited = SentryAlerter(receiver.dsn, registry=CollectorRegistry(), rate_limit=None)
+    await run_and_crash(crash_on_message, unlimited, repeat=12)
+    assert len(await asyncio.to_thread(sentinel, receiver, unlimited)) == 2 + 12
+
+
+async def crash_on_message(ws: ServerConnection) -> None:
+    await ws.recv()
+    raise ValueError("crash")
+
+
+async def test_an_event_keeps_its_last_breadcrumbs_only(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, max_breadcrumbs=5)
+
+    async def handler(ws: ServerConnection) -> None:
+        for index in range(50):
+            sentry_sdk.add_breadcrumb(category="app", message=f"crumb {index}")
+        await ws.recv()
+        raise ValueError("crash")
+
+    await run_and_crash(handler, alerter)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
+    values = event["breadcrumbs"]["values"]
+    assert len(values) == 5
+    # The newest: the handler's last ones (then the crash's log record), then ours.
+    app = [c["message"] for c in values if c.get("category") == "app"]
+    assert app
+    assert app == [f"crumb {i}" for i in range(50 - len(app), 50)]
+    assert values[-1]["category"] == "websocket.message"
+    with pytest.raises(ValueError, match="max_breadcrumbs"):
+        WebsocketsIntegration(max_breadcrumbs=-1)
+
+
+def test_the_worker_queue_is_bounded_and_fire_never_waits(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    release = threading.Event()
+
+    def before_send(event: Any, hint: Any) -> Any:
+        release.wait(10)  # a slow pipeline: in the alerter's worker, not in fire()
+        return event
+
+    alerter = SentryAlerter(
+        receiver.dsn, registry=registry, cooldown=0, queue_size=2, before_send=before_send
+    )
+    for index in range(5):
+        alerter.fire(f"A{index}", severity="error", summary=f"a{index}")
+    samples = Samples(ws_monitoring_exposition(registry))
+    # One running, one waiting: the other three are dropped at once.
+    assert samples.get("ws_monitoring_alert_queue_depth", sink="sentry") == 2
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 3
+    assert not alerter.flush(0.05)
+    release.set()
+    assert [e["message"] for e in sentinel(receiver, alerter)] == ["a0", "a1"]
+    with pytest.raises(ValueError, match="queue_size"):
+        SentryAlerter(receiver.dsn, queue_size=0)
+
+
+def test_close_drops_and_counts_what_the_worker_did_not_start(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    release = threading.Event()
+
+    def before_send(event: Any, hint: Any) -> Any:
+        release.wait(10)
+        return event
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry, cooldown=0, before_send=before_send)
+    for index in range(4):
+        alerter.fire(f"A{index}", severity="error", summary=f"a{index}")
+    alerter.close(timeout=0.05)
+    release.set()
+    samples = Samples(ws_monitoring_exposition(registry))
+    # The one running goes on; the three waiting are dropped, and later ones too.
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 3
+    alerter.fire("Late", severity="error", summary="late")
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 4
