@@ -982,20 +982,22 @@ def monitor_of(target: Any) -> Monitor | None:
 #: ``WS_MONITORING_SHUTDOWN_TIMEOUT`` (seconds) overrides it.
 SHUTDOWN_TIMEOUT = 5.0
 
-#: Shutdown steps that start less than this many seconds after the previous one ended
-#: (or while one runs) are one shutdown, with one deadline: a server's close, then the
-#: interpreter's exit, are one.
+#: A shutdown step that starts less than this many seconds after the previous one ended
+#: shares its deadline if that one ran out of time, or if this one is the interpreter's
+#: exit: a server's close then the exit are one shutdown, and a second close after one
+#: that was stuck does not wait again. Steps that start while another runs share too.
 SHUTDOWN_GAP = 1.0
 
 
 class _Shutdown:
-    """The shutdown under way: its deadline (``time.monotonic()``), steps running, and
-    when the last one ended."""
+    """The last shutdown: its deadline (``time.monotonic()``), steps running, when the
+    last one ended and whether it ran out of time."""
 
     lock = threading.Lock()
     deadline = -math.inf
     running = 0
     ended = -math.inf
+    cut = False
     warned = False
 
 
@@ -1022,25 +1024,31 @@ def shutdown_timeout() -> float:
 
 
 @contextlib.contextmanager
-def shutdown_step(timeout: float | None = None) -> Iterator[float]:
-    """One step of a shutdown; yields its deadline (a ``time.monotonic()`` value).
+def shutdown_step(timeout: float | None = None, *, exiting: bool = False) -> Iterator[float]:
+    """One step of a shutdown (a server's close, an exit hook); yields its deadline, a
+    ``time.monotonic()`` value.
 
-    Every step of one shutdown (see :data:`SHUTDOWN_GAP`) shares the deadline set when
-    its first step began, :func:`shutdown_timeout` seconds later; ``timeout`` (seconds)
-    can only bring a step's own deadline closer.
+    A new shutdown gets :func:`shutdown_timeout` seconds; steps of one shutdown (see
+    :data:`SHUTDOWN_GAP`) share its deadline. ``timeout`` (seconds) can only bring a
+    step's own deadline closer. ``exiting``: the step is the interpreter's exit.
     """
     now = time.monotonic()
     with _Shutdown.lock:
-        if not _Shutdown.running and now - _Shutdown.ended >= SHUTDOWN_GAP:
+        recent = now - _Shutdown.ended < SHUTDOWN_GAP
+        if not _Shutdown.running and not (recent and (_Shutdown.cut or exiting)):
             _Shutdown.deadline = now + shutdown_timeout()
         _Shutdown.running += 1
         deadline = _Shutdown.deadline
+    if timeout is not None:
+        deadline = min(deadline, now + max(0.0, timeout))
     try:
-        yield deadline if timeout is None else min(deadline, now + max(0.0, timeout))
+        yield deadline
     finally:
         with _Shutdown.lock:
             _Shutdown.running -= 1
             _Shutdown.ended = time.monotonic()
+            # Within a millisecond of its deadline: something it waited for did not finish.
+            _Shutdown.cut = _Shutdown.ended >= deadline - 0.001
 
 
 def run_until(deadline: float, calls: Sequence[tuple[str, Callable[[float], object]]]) -> bool:
@@ -1101,5 +1109,5 @@ def _run_exit_hooks() -> None:  # pragma: no cover - runs at exit (tested in a s
         hooks = list(_exit_hooks)
         _exit_hooks.clear()
     if hooks:
-        with shutdown_step() as deadline:
+        with shutdown_step(exiting=True) as deadline:
             run_until(deadline, [(getattr(h, "__qualname__", repr(h)), h) for h in hooks])
