@@ -838,3 +838,16 @@ def test_close_drops_and_counts_what_the_worker_did_not_start(
     alerter.fire("Late", severity="error", summary="late")
     samples = Samples(ws_monitoring_exposition(registry))
     assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 4
+
+
+def test_the_rate_limit_table_is_bounded() -> None:
+    from ws_monitoring.alerting.sentry import _RateLimit
+
+    limit = _RateLimit(1, 60.0, max_keys=2)
+    assert limit.allow(("/a", "E"), 0.0)
+    assert not limit.allow(("/a", "E"), 1.0)
+    assert limit.allow(("/b", "E"), 1.0)
+    assert limit.allow(("/c", "E"), 1.0)  # forgets /a, the least recently used
+    assert limit.allow(("/a", "E"), 1.0)
+    assert not limit.allow(("/c", "E"), 1.0)
+    assert limit.allow(("/a", "E"), 61.0)  # refilled: one token per 60 s
