@@ -378,9 +378,10 @@ class ConnectionRecord(_CountsBase):
         self.ping_data: bytes | None = None
         self.ping_sent_at = 0.0
         self.exemplars: dict[int, tuple[str, float, float]] | None = None
-        #: Close code the peer sent, even one websockets rejected as invalid (0: a close
-        #: frame too short to hold one); else the code the server sent (e.g. 1009 when it
-        #: failed the connection: websockets ignores the peer's answer then); else 1006.
+        #: What the close was, as websockets handled it: the code of the peer's close
+        #: frame when websockets accepted it; else the code the server sent (1002 for an
+        #: invalid close code, 1007 for a reason that is not UTF-8, 1009 when it failed
+        #: the connection: websockets ignores the peer's answer then); else 1006.
         self.close_code: int | None = None
         self.close_reason = ""
         self.error: BaseException | None = None
@@ -455,11 +456,10 @@ class ConnectionRecord(_CountsBase):
             self.add_rtt(_now() - self.ping_sent_at)
 
     def _close_frame(self, frame: Frame) -> None:
-        # The code the peer sent, kept even when websockets rejects the frame (an
-        # invalid code, a reason that is not UTF-8) and reports 1006; 0 when it is too
-        # short to hold one. A close frame it accepts wins (Monitor.closed).
-        data = frame.data
-        self.close_code = int.from_bytes(data[:2], "big") if len(data) > 1 else 0
+        # Nothing to keep: the close is read from the protocol once the connection is
+        # closed (Monitor.closed), as websockets handled it. A peer's close frame may
+        # still be rejected after this (an invalid code: the server then sends 1002).
+        pass
 
     # -- events from adapters -----------------------------------------------------------
 
@@ -719,6 +719,19 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
     return FrameCounter
 
 
+#: HTTP statuses websockets' parser sends for requests it cannot read, by exception
+#: name (recent websockets releases; earlier ones close without an answer).
+_PARSER_ANSWERS = {"RequestLineTooLong": 414, "HeaderLineTooLong": 431, "TooManyHeaders": 431}
+
+
+def _parser_answer(error: BaseException | None) -> int | None:
+    """The status websockets answered a request it could not read with, or ``None``."""
+    for cls in type(error).__mro__:
+        if cls.__module__ == "websockets.exceptions" and cls.__name__ in _PARSER_ANSWERS:
+            return _PARSER_ANSWERS[cls.__name__]
+    return None
+
+
 #: Close codes the server sends when it fails a connection because of the peer.
 _FAILURE_CODES = {1002: "protocol_error", 1007: "invalid_payload", 1009: "message_too_big"}
 
@@ -860,6 +873,11 @@ class Monitor:
         elif response is not None and failure is None:
             handshake.outcome = "rejected"
             handshake.status = response.status_code
+        elif failure == "invalid_request" and (status := _parser_answer(error)) is not None:
+            # websockets' parser answered the unreadable request itself (no response
+            # object reaches the adapter): the client got that status, so do the sinks.
+            handshake.outcome = "rejected"
+            handshake.status = status
         else:
             handshake.outcome = "failed"
             handshake.failure = failure or "error"
@@ -923,16 +941,16 @@ class Monitor:
         """The connection is closed: finalize the record and hand it to the sinks."""
         record.message_done(None)
         record.closed_at = _now()
-        rcvd = protocol.close_rcvd
-        if rcvd is not None:
-            record.close_code = rcvd.code
-            record.close_reason = rcvd.reason
-        elif record.close_code is None:
-            # No close frame from the peer, not even one websockets rejected (see
-            # recv_frame): the code the server closed or failed the connection with (its
-            # parser ignores the peer's answer after a failure), else 1006.
-            sent = protocol.close_sent
-            record.close_code = sent.code if sent is not None else 1006
+        # What the server did, as the peer saw it: the peer's close frame when websockets
+        # accepted it; else the code the server closed or failed the connection with
+        # (1002 for a peer's invalid close code, 1007 for a reason that is not UTF-8: its
+        # parser ignores the peer's answer after a failure); else 1006.
+        close = protocol.close_rcvd or protocol.close_sent
+        if close is not None:
+            record.close_code = close.code
+            record.close_reason = close.reason
+        else:
+            record.close_code = 1006
         if record.error_type is None:
             record.error_type = classify_close(protocol)
         self._dispatch("connection_closed", record)
