@@ -320,7 +320,10 @@ class AlertingSink:
         running: an alerter may serve several servers; :meth:`Alerter.close` stops it).
         A Sentry that hangs does not keep Alertmanager from getting its alerts."""
         deadline = time.monotonic() + timeout
-        run_until(deadline, [(type(alerter).__name__, alerter.flush) for alerter in self.alerters])
+        run_until(
+            deadline,
+            [(f"{type(alerter).__name__}.flush", alerter.flush) for alerter in self.alerters],
+        )
 
 
 class AlertingMessageSink(AlertingSink):
