@@ -15,6 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import ws_monitoring
+from tests.adapters.test_instrument import ExtraSink
+from tests.alerting.test_sink import Recorder
 from ws_monitoring.config import (
     DEFAULT_DURATION_BUCKETS,
     DEFAULT_SIZE_BUCKETS,
@@ -31,24 +33,7 @@ def route_of(path: str) -> str | None:
     return path
 
 
-class Sink:
-    def handshake_finished(self, handshake: Any) -> None: ...
-    def connection_opened(self, connection: Any) -> None: ...
-    def handler_failed(self, connection: Any, exc: BaseException) -> None: ...
-    def connection_closed(self, connection: Any) -> None: ...
-    def shutdown(self, timeout: float) -> None: ...
-
-
-class Alerter:
-    def fire(self, alertname: str, **kwargs: Any) -> None: ...
-    def resolve(self, alertname: str, labels: Any = None) -> None: ...
-    def flush(self, timeout: float = 5.0) -> bool:
-        return True
-
-    def close(self, timeout: float = 5.0) -> None: ...
-
-
-SINK, ALERTER, REGISTRY = Sink(), Alerter(), CollectorRegistry()
+SINK, ALERTER, REGISTRY = ExtraSink(), Recorder(), CollectorRegistry()
 
 
 class Option(NamedTuple):
