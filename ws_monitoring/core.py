@@ -34,7 +34,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .config import Config
-from .labels import RouteMapper
+from .labels import RouteMapper, TenantMapper
 from .privacy import Client, Privacy
 from .typing import NOT_SAMPLED, Data, MessageSink, Sink
 
@@ -355,6 +355,7 @@ class ConnectionRecord(_CountsBase):
         "request",
         "route",
         "subprotocol",
+        "tenant",
     )
 
     def __init__(self, monitor: Monitor) -> None:
@@ -365,6 +366,8 @@ class ConnectionRecord(_CountsBase):
         self.connection: Any = None
         self.path = ""
         self.route = ""
+        #: The bounded ``tenant`` label ("" without ``config.tenant``; see TenantMapper).
+        self.tenant = ""
         self.request: Request | None = None
         self.remote_address: Any = None
         self.subprotocol: str | None = None
@@ -781,6 +784,8 @@ class Monitor:
         self.config = config
         self.routes = RouteMapper(config)
         self.privacy = privacy if privacy is not None else Privacy(config)
+        #: The tenant label of a request, with ``config.tenant``; else None.
+        self.tenants = TenantMapper(config, self.privacy) if config.tenant is not None else None
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.message_sinks: tuple[MessageSink, ...] = tuple(
             s for s in sinks if isinstance(s, MessageSink)
@@ -905,6 +910,8 @@ class Monitor:
         record.connection = connection
         record.path = raw_path.split("?", 1)[0]
         record.route = handshake.route if handshake and handshake.route else self.routes(raw_path)
+        if self.tenants is not None:
+            record.tenant = self.tenants(request)
         record.request = request
         try:
             record.remote_address = connection.remote_address

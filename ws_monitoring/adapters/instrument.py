@@ -16,7 +16,7 @@ import functools
 import importlib
 import inspect
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import websockets.asyncio.server
@@ -24,7 +24,13 @@ import websockets.sync.server
 from websockets.asyncio.server import Server as AsyncServer
 from websockets.sync.server import Server as SyncServer
 
-from ws_monitoring.config import OPTION_NAMES, Config, RouteGrouping, unknown_option
+from ws_monitoring.config import (
+    OPTION_NAMES,
+    Config,
+    ExceptionMessages,
+    RouteGrouping,
+    unknown_option,
+)
 from ws_monitoring.core import Monitor
 from ws_monitoring.typing import Alerter, Sink
 
@@ -141,6 +147,11 @@ def instrument(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
 ) -> H: ...
@@ -177,6 +188,11 @@ def instrument(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
 ) -> Callable[[H], H]: ...
@@ -297,6 +313,11 @@ def serve(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
     **kwargs: Any,
@@ -348,6 +369,11 @@ def serve_sync(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
     **kwargs: Any,
