@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .config import Config
+from .config import ROUTE_PLACEHOLDER, Config
 from .privacy import Privacy, safe_path
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class LabelTable:
         return self._seen.get(value, self._overflow)
 
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+_PLACEHOLDER = ROUTE_PLACEHOLDER  # Config checked the templates with it
 
 
 def _compile_template(template: str) -> re.Pattern[str]:
