@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any
 
+from .crash_storm import _verdict
 from .harness import HOST, scrape_times, settle
 
 __all__ = ["BUDGET_BYTES", "BUDGET_SCRAPE_MS", "SERVERS", "VARIANTS", "run", "table"]
@@ -124,10 +125,6 @@ def run(suite: Any, stack: ExitStack) -> dict[str, Any]:
         if not row["after"]["bytes"]:
             suite.errors.append(f"long labels: {variant} produced no numbers")
     return out
-
-
-def _verdict(value: float, budget: float) -> str:
-    return "ok" if value <= budget else "OVER"
 
 
 def table(results: dict[str, Any]) -> str:
