@@ -125,9 +125,13 @@ class RouteMapper:
             return self._unmatched
         return path or "/"
 
-    def __call__(self, path: str) -> str:
-        """The bounded ``route`` label for ``path``."""
-        route = self.group(path)
+    def __call__(self, path: str, *, grouped: bool = False) -> str:
+        """The bounded ``route`` label for ``path``.
+
+        ``grouped``: ``path`` is already a route (a framework's template, see
+        :mod:`ws_monitoring.adapters.asgi`): only the series limit applies.
+        """
+        route = path if grouped else self.group(path)
         label = self._seen.get(route)
         if label is not None:
             return label
@@ -142,16 +146,16 @@ class RouteMapper:
                     return self._overflow
             return label
 
-    def peek(self, path: str) -> str:
+    def peek(self, path: str, *, grouped: bool = False) -> str:
         """The label ``path`` has without claiming a place in the table (for rejected requests).
 
-        A route already in the table, or a template (bounded by configuration), is
-        returned as is; anything else is the overflow value.
+        A route already in the table, or a template (bounded by configuration, or
+        ``grouped``: a framework's), is returned as is; anything else is the overflow value.
         """
-        route = self.group(path)
+        route = path if grouped else self.group(path)
         label = self._seen.get(route)
         if label is not None:
             return label
-        if self._templates or route == self._unmatched:
+        if grouped or self._templates or route == self._unmatched:
             return route
         return self._overflow

@@ -1,0 +1,373 @@
+"""The ASGI middleware on real servers: uvicorn (three WebSocket implementations) and
+hypercorn, real FastAPI, Starlette and Quart applications, real ``websockets`` clients,
+counts read from a real scrape."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, WebSocket
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import ws_monitoring
+from tests.helpers.asgi import SERVERS, asgi_server
+from tests.helpers.asgi_apps import fastapi_app, quart_app, starlette_app
+from tests.helpers.scrape import Samples
+from tests.helpers.servers import async_wait_until, settled
+from ws_monitoring.asgi import MonitoringMiddleware
+from ws_monitoring.logging.setup import LoggingSetup, setup_logging
+
+ECHO = "/echo/{room}"
+
+#: Close codes as each server reports them to the application (see ws_monitoring.asgi).
+#: hypercorn reports every client-initiated close as 1006 (pgjones/hypercorn#127).
+CLIENT_CLOSES = {
+    "uvicorn-websockets": {"1000": 1, "1001": 1, "4xxx": 1},
+    "uvicorn-sansio": {"1000": 1, "1001": 1, "4xxx": 1},
+    "uvicorn-wsproto": {"1000": 1, "1001": 1, "4xxx": 1},
+    "hypercorn": {"1006": 3},
+}
+
+
+async def closed_code(client: ClientConnection) -> int | None:
+    """Wait until the server ends ``client``; the code the client saw (None: no close frame)."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await client.recv()
+    return client.close_code
+
+
+async def exchange(client: ClientConnection, *messages: str | bytes) -> None:
+    for message in messages:
+        await client.send(message)
+        assert await client.recv() == message
+
+
+async def drive_fastapi(url: Callable[[str], str]) -> dict[str, Any]:
+    """Every scenario of the counting test, in order; what the clients saw."""
+    saw: dict[str, Any] = {}
+    async with connect(url("/echo/a")) as client:  # client closes 1000
+        await exchange(client, "hello", b"\x01\x02\x03", "h\u00e9llo")
+    async with connect(url("/echo/b")) as client:
+        await exchange(client, "x")
+        await client.close(1001)
+    async with connect(url("/echo/c")) as client:  # the application closes 4001
+        await client.send("close:4001")
+        saw["app close"] = await closed_code(client)
+    async with connect(url("/echo/d")) as client:
+        await exchange(client, "z")
+        await client.close(4002, "done")
+    async with connect(url("/echo/e")) as client:  # the handler crashes
+        await client.send("crash")
+        saw["crash"] = await closed_code(client)
+    client = await connect(url("/echo/f"))  # the client resets the TCP connection
+    await exchange(client, "y")
+    client.transport.abort()
+    for path in ("/deny/x", "/denied"):
+        with pytest.raises(InvalidStatus) as denied:
+            async with connect(url(path)):
+                pass
+        saw[path] = denied.value.response.status_code
+    return saw
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_counts_from_a_real_scrape(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    seen: list[Any] = []
+    app = fastapi_app(seen, registry=registry, tracing=False)
+    with asgi_server(app, server) as running:
+        saw = await drive_fastapi(running.url)
+        samples = await settled(scrape_metrics, 6, handshakes=8)
+
+    # What the clients saw is the server's own behaviour (the transparency tests
+    # compare it with a bare run): uvicorn drops the TCP connection of a crashed
+    # handler, hypercorn closes it with 1011.
+    assert saw == {
+        "app close": 4001,
+        "crash": 1011 if server == "hypercorn" else 1006,
+        "/deny/x": 403,
+        "/denied": 401,
+    }
+    route = {"route": ECHO}
+    assert samples.get("websocket_connections_total", **route) == 6
+    assert samples.get("websocket_connections_active", **route) == 0
+    assert samples.get("websocket_connection_duration_seconds_count", **route) == 6
+    codes = dict(CLIENT_CLOSES[server])
+    codes["4xxx"] = codes.get("4xxx", 0) + 1  # the application's close(4001)
+    codes["1011"] = 1  # the crash
+    codes["1006"] = codes.get("1006", 0) + 1  # the reset
+    assert {
+        labels["code"]: samples.get("websocket_disconnections_total", **labels)
+        for labels in samples.series("websocket_disconnections_total")
+    } == codes
+    resets = codes["1006"]
+    assert samples.get("websocket_errors_total", type="handler_exception", **route) == 1
+    assert samples.get("websocket_errors_total", type="connection_reset", **route) == resets
+    assert samples.total("websocket_errors_total") == 1 + resets
+
+    def messages(direction: str, kind: str) -> float | None:
+        return samples.get("websocket_messages_total", direction=direction, type=kind, **route)
+
+    assert messages("received", "text") == 7
+    assert messages("received", "binary") == 1
+    assert messages("sent", "text") == 5
+    assert messages("sent", "binary") == 1
+    size = "websocket_message_size_bytes"
+    # hello, 3 bytes, héllo (6 UTF-8 bytes), x, close:4001, z, crash, y
+    assert (
+        samples.get(f"{size}_sum", direction="received", **route) == 5 + 3 + 6 + 1 + 10 + 1 + 5 + 1
+    )
+    assert samples.get(f"{size}_count", direction="received", **route) == 8
+    assert samples.get(f"{size}_sum", direction="sent", **route) == 5 + 3 + 6 + 1 + 1 + 1
+    assert samples.get(f"{size}_count", direction="sent", **route) == 6
+    # Handling time: one observation per received message, however its handling ended.
+    assert samples.get("websocket_message_duration_seconds_count", **route) == 8
+    assert samples.get("websocket_handshake_duration_seconds_count") == 8
+    assert samples.get("websocket_handshake_failures_total", status="403") == 1
+    assert samples.get("websocket_handshake_failures_total", status="401") == 1
+    assert samples.total("websocket_handshake_failures_total") == 2
+    # Nothing observable through ASGI is faked: no ping round trips.
+    assert samples.get("websocket_ping_rtt_seconds_count", **route) == 0
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "hypercorn"])
+async def test_an_uncaught_disconnect_is_no_crash(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    """FastAPI's ``WebSocketDisconnect`` reaching the server is the peer leaving."""
+    seen: list[Any] = []
+    app = fastapi_app(seen, registry=registry, tracing=False)
+    with asgi_server(app, server) as running:
+        async with connect(running.url("/chat/lobby"), subprotocols=["chat.v1"]) as client:
+            assert client.subprotocol == "chat.v1"
+            await client.send("hi")
+            assert await client.recv() == "lobby: hi"
+        samples = await settled(scrape_metrics, 1, handshakes=1)
+    assert seen == ["hi", ("disconnect", 1006 if server == "hypercorn" else 1000)]
+    assert (
+        samples.get("websocket_errors_total", route="/chat/{room}", type="handler_exception") == 0
+    )
+    assert samples.get("websocket_connections_total", route="/chat/{room}") == 1
+
+
+@pytest.mark.parametrize("server", ["uvicorn-wsproto", "hypercorn"])
+async def test_a_crash_before_accept_is_a_500_handshake(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    app = fastapi_app([], registry=registry, tracing=False)
+    with asgi_server(app, server) as running:
+        with pytest.raises(InvalidStatus) as denied:
+            async with connect(running.url("/broken")):
+                pass
+        assert denied.value.response.status_code == 500
+        samples = await settled(scrape_metrics, 0, handshakes=1)
+    assert samples.get("websocket_handshake_failures_total", status="500") == 1
+    assert samples.total("websocket_connections_total") == 0
+
+
+async def test_starlette_templates_mounts_and_unknown_paths(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    seen: list[Any] = []
+    # routes= applies to paths without a template only; templates stay the framework's.
+    app = starlette_app(seen, registry=registry, tracing=False, routes=["/elsewhere/{x}"])
+    with asgi_server(app, "uvicorn-sansio") as running:
+        for room in ("1", "22"):
+            async with connect(running.url(f"/rooms/{room}?token=secret")) as client:
+                await client.send("hi")
+                assert await client.recv() == f"room {room}: hi"
+        async with connect(running.url("/v1/chat/alice")) as client:
+            await client.send(b"abc")
+            assert await client.recv() == b"cba"
+        with pytest.raises(InvalidStatus) as denied:  # Starlette closes before accept
+            async with connect(running.url("/rooms/not-a-number")):
+                pass
+        assert denied.value.response.status_code == 403
+        samples = await settled(scrape_metrics, 3, handshakes=4)
+    assert samples.series("websocket_connections_total") == [
+        {"route": "/rooms/{room}"},
+        {"route": "/v1/chat/{name}"},
+    ]
+    assert samples.get("websocket_connections_total", route="/rooms/{room}") == 2
+    assert samples.get("websocket_messages_total", route="/v1/chat/{name}", direction="sent",
+                       type="binary") == 1  # fmt: skip
+    assert samples.get("websocket_handshake_failures_total", status="403") == 1
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "hypercorn"])
+async def test_quart_with_route_grouping(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    """Quart puts no route in the scope: ``routes=`` groups the paths, as today."""
+    seen: list[Any] = []
+
+    def wrap(app: Any) -> Any:
+        app.asgi_app = MonitoringMiddleware(
+            app.asgi_app, registry=registry, tracing=False, routes=["/ws/{room}"]
+        )
+        return app
+
+    with asgi_server(quart_app(seen, wrap=wrap), server) as running:
+        for room in ("a", "b"):
+            async with connect(running.url(f"/ws/{room}")) as client:
+                await exchange(client, "ping", b"\x00")
+        samples = await settled(scrape_metrics, 2, handshakes=2)
+    assert seen == ["ping", b"\x00"] * 2
+    route = {"route": "/ws/{room}"}
+    assert samples.get("websocket_connections_total", **route) == 2
+    assert samples.get("websocket_messages_total", direction="received", type="text", **route) == 2
+    assert samples.get("websocket_messages_total", direction="sent", type="binary", **route) == 2
+
+
+class Shutdowns:
+    """A real sink that records when it is flushed."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+        self.closed = 0
+
+    def handshake_finished(self, handshake: Any) -> None:
+        pass
+
+    def connection_opened(self, connection: Any) -> None:
+        pass
+
+    def handler_failed(self, connection: Any, exc: BaseException) -> None:
+        pass
+
+    def connection_closed(self, connection: Any) -> None:
+        self.closed += 1
+
+    def shutdown(self, timeout: float) -> None:
+        self.timeouts.append(timeout)
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "hypercorn"])
+async def test_lifespan_shutdown_flushes_the_sinks(
+    server: str, registry: CollectorRegistry
+) -> None:
+    sink = Shutdowns()
+    app = fastapi_app([], registry=registry, tracing=False, sinks=[sink])
+    with asgi_server(app, server, lifespan=True) as running:
+        async with connect(running.url("/echo/a")) as client:
+            await exchange(client, "hi")
+        await async_wait_until(lambda: sink.closed == 1)
+        assert sink.timeouts == []
+    assert len(sink.timeouts) == 1
+    assert 4.0 < sink.timeouts[0] <= 5.0
+
+
+# -- logs, alerts, consent -----------------------------------------------------------------
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    stream = io.StringIO()
+    setup: LoggingSetup = setup_logging("INFO", stream=stream, background=False, root=True)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        setup.close()
+
+
+async def test_logs_a_crash_once_with_the_connection(
+    json_logs: Callable[[], list[dict[str, Any]]], registry: CollectorRegistry
+) -> None:
+    app = fastapi_app([], registry=registry, tracing=False)
+    with asgi_server(app, "uvicorn-sansio") as running:
+        async with connect(running.url("/echo/r1?token=secret")) as client:
+            await exchange(client, "log")
+            await client.send("crash")
+            await closed_code(client)
+
+        def closed_line() -> list[dict[str, Any]]:
+            return [line for line in json_logs() if line.get("event") == "connection_closed"]
+
+        await async_wait_until(closed_line)
+    lines = json_logs()
+    ours = [line for line in lines if line["logger"] == "ws_monitoring.lifecycle"]
+    assert [line["event"] for line in ours] == [
+        "connection_opened",
+        "handler_crashed",
+        "connection_closed",
+    ]
+    crashed = ours[1]
+    assert crashed["level"] == "ERROR"
+    assert crashed["error_type"] == "ValueError"
+    assert "handler bug" in crashed["stack_trace"]
+    assert ours[2]["close_code"] == 1011
+    assert ours[2]["error_type"] == "handler_exception"
+    assert ours[2]["messages_in"] == 2
+    # A line the application logs inside the handler carries the connection.
+    inside = [line for line in lines if line["logger"] == "tests.asgi_app"]
+    assert len(inside) == 1
+    assert inside[0]["connection_id"] == ours[0]["connection_id"]
+    assert inside[0]["route"] == ECHO
+    assert inside[0]["client_ip"] == "127.0.0.0"  # truncated by default
+    assert "secret" not in json.dumps(lines)
+
+
+async def test_consent_through_the_websocket_object(
+    registry: CollectorRegistry, json_logs: Callable[[], list[dict[str, Any]]]
+) -> None:
+    app = FastAPI()
+    granted: list[Any] = []
+
+    @app.websocket("/ws")
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        granted.append(ws_monitoring.grant(websocket, purposes={"ip"}, policy_version="v1"))
+        logging.getLogger("tests.asgi_app").warning("after consent")
+        await websocket.close()
+
+    app.add_middleware(MonitoringMiddleware, registry=registry, tracing=False)
+    with asgi_server(app, "uvicorn-sansio") as running:
+        async with connect(running.url("/ws")) as client:
+            await client.send("consent")
+            await closed_code(client)
+        await async_wait_until(lambda: any(
+            line.get("event") == "connection_closed" for line in json_logs()))  # fmt: skip
+    assert granted[0].ip == "127.0.0.1"
+    inside = [line for line in json_logs() if line["logger"] == "tests.asgi_app"]
+    assert inside[0]["client_ip"] == "127.0.0.1"
+
+
+def test_options_are_checked() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="rutes"):
+        MonitoringMiddleware(app, rutes=["/a"])
+    with pytest.raises(ValueError, match="max_routes"):
+        MonitoringMiddleware(app, max_routes=0)
+    with pytest.raises(TypeError, match="ASGI application"):
+        MonitoringMiddleware(None)  # type: ignore[arg-type]
+
+
+async def test_http_and_lifespan_scopes_pass_through() -> None:
+    calls: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append((scope["type"], receive, send))
+
+    middleware = MonitoringMiddleware(app, registry=CollectorRegistry(), tracing=False)
+
+    async def receive() -> Any:
+        return {}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await middleware({"type": "http"}, receive, send)
+    assert calls == [("http", receive, send)]
