@@ -27,7 +27,7 @@ def _identity(app: Any) -> Any:
 
 
 def fastapi_app(seen: list[Any], *, wrap: Wrap = _identity, **options: Any) -> Any:
-    """FastAPI: ``/echo/{room}`` (commands: ``crash``, ``close:<code>``, ``log``),
+    """FastAPI: ``/echo/{room}`` (commands: ``crash``, ``close:<code>``, ``log``, ``trace``),
     ``/chat/{room}`` (``receive_text``, the disconnect left to propagate), two denials and
     an HTTP route. ``options``: ``MonitoringMiddleware`` added with ``add_middleware``."""
     app = FastAPI()
@@ -55,6 +55,11 @@ def fastapi_app(seen: list[Any], *, wrap: Wrap = _identity, **options: Any) -> A
                 return
             if text == "log":
                 log.warning("inside the handler")
+            if text == "trace":
+                from opentelemetry import trace
+
+                with trace.get_tracer("tests.asgi_app").start_as_current_span("lookup"):
+                    pass
             if text is not None:
                 await websocket.send_text(text)
             else:
