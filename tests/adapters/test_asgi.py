@@ -11,9 +11,12 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp.web
 import pytest
+import starlette.websockets
 from fastapi import FastAPI, WebSocket
 from prometheus_client import CollectorRegistry
+from quart import Quart
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -371,3 +374,51 @@ async def test_http_and_lifespan_scopes_pass_through() -> None:
 
     await middleware({"type": "http"}, receive, send)
     assert calls == [("http", receive, send)]
+
+
+# -- instrument() is for websockets handlers: a clear TypeError for the others -----------------
+
+
+def test_instrument_refuses_framework_endpoints_and_applications() -> None:
+    app = FastAPI()
+    with pytest.raises(TypeError, match=r"FastAPI|fastapi") as info:
+
+        @app.websocket("/ws")
+        @ws_monitoring.instrument
+        async def endpoint(websocket: WebSocket) -> None: ...
+
+    message = str(info.value)
+    assert "'websocket' is a starlette.websockets.WebSocket" in message
+    assert "ws_monitoring.asgi.MonitoringMiddleware" in message
+    assert "app.add_middleware(MonitoringMiddleware" in message
+    assert app.routes[-1].path != "/ws"  # never registered: the app keeps working
+
+    async def starlette_endpoint(ws: starlette.websockets.WebSocket) -> None: ...
+
+    with pytest.raises(TypeError, match=r"starlette endpoint.*MonitoringMiddleware"):
+        ws_monitoring.instrument(starlette_endpoint)
+
+    async def aiohttp_handler(request: aiohttp.web.Request) -> aiohttp.web.WebSocketResponse:
+        return aiohttp.web.WebSocketResponse()
+
+    with pytest.raises(
+        TypeError, match=r"aiohttp servers are not supported: .*ws_monitoring\.serve\(\)"
+    ):
+        ws_monitoring.instrument(aiohttp_handler)
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    for application in (app, Quart("q"), asgi_app):
+        with pytest.raises(TypeError, match="MonitoringMiddleware"):
+            ws_monitoring.instrument(application)
+
+
+def test_instrument_still_takes_annotated_websockets_handlers() -> None:
+    from websockets.asyncio.server import ServerConnection
+
+    async def handler(websocket: ServerConnection) -> None: ...
+
+    async def unresolvable(websocket: Undefined) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+    for func in (handler, unresolvable):
+        assert ws_monitoring.instrument(func, registry=CollectorRegistry()).__wrapped__ is func
