@@ -231,4 +231,9 @@ SERVERS: dict[str, ServerSpec] = {
     "sync-defaults": ServerSpec(True, _no_async, _sync_ws_monitoring("defaults")),
 }
 
+# uvicorn + FastAPI, bare and with the ASGI middleware (built on the names above).
+from . import asgi as _asgi  # noqa: E402
+
+SERVERS.update(_asgi.servers())
+
 logging.getLogger("websockets").setLevel(logging.WARNING)
