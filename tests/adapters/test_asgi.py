@@ -4,11 +4,13 @@ counts read from a real scrape."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -23,8 +25,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import ws_monitoring
 from tests.helpers.asgi import SERVERS, asgi_server
 from tests.helpers.asgi_apps import fastapi_app, quart_app, starlette_app
-from tests.helpers.scrape import Samples
-from tests.helpers.servers import async_wait_until, settled
+from tests.helpers.scrape import Samples, scrape
+from tests.helpers.servers import async_wait_until, settled, wait_until
 from ws_monitoring.asgi import MonitoringMiddleware
 from ws_monitoring.logging.setup import LoggingSetup, setup_logging
 
@@ -224,12 +226,62 @@ async def test_quart_with_route_grouping(
         for room in ("a", "b"):
             async with connect(running.url(f"/ws/{room}")) as client:
                 await exchange(client, "ping", b"\x00")
-        samples = await settled(scrape_metrics, 2, handshakes=2)
-    assert seen == ["ping", b"\x00"] * 2
+        async with connect(running.url("/ws/c")) as client:
+            await client.send("consent")  # through Quart's ``websocket`` object
+            assert await client.recv() == "127.0.0.1"
+        samples = await settled(scrape_metrics, 3, handshakes=3)
+    assert seen == ["ping", b"\x00", "ping", b"\x00", "consent"]
     route = {"route": "/ws/{room}"}
-    assert samples.get("websocket_connections_total", **route) == 2
-    assert samples.get("websocket_messages_total", direction="received", type="text", **route) == 2
+    assert samples.get("websocket_connections_total", **route) == 3
+    assert samples.get("websocket_messages_total", direction="received", type="text", **route) == 3
     assert samples.get("websocket_messages_total", direction="sent", type="binary", **route) == 2
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "uvicorn-wsproto"])
+async def test_a_message_too_big_is_known_from_the_close_code(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    app = fastapi_app([], registry=registry, tracing=False)
+    with asgi_server(app, server, ws_max_size=1024) as running:
+        async with connect(running.url("/echo/big")) as client:
+            await exchange(client, "small")
+            await client.send(b"\x00" * 2000)
+            assert await closed_code(client) in (1009, 1006)  # as the server closes it
+        samples = await settled(scrape_metrics, 1, handshakes=1)
+    route = {"route": ECHO}
+    assert samples.get("websocket_disconnections_total", code="1009", **route) == 1
+    assert samples.get("websocket_errors_total", type="message_too_big", **route) == 1
+    assert samples.total("websocket_errors_total") == 1
+    assert (
+        samples.get("websocket_messages_total", direction="received", type="binary", **route) == 0
+    )
+
+
+async def test_the_readme_example_runs_as_written() -> None:
+    """The README's FastAPI block, with its metrics port made free (the only change)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## ASGI (FastAPI, Starlette, Quart)", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block.count("port=8001") == 1
+    namespace: dict[str, Any] = {"__name__": "chat"}
+    exec(compile(block.replace("port=8001", "port=0"), "README.md", "exec"), namespace)
+    metrics = namespace["metrics"]
+    route = {"route": "/rooms/{room_id}"}
+
+    def closed() -> Samples | None:
+        samples = scrape(metrics.url)
+        return samples if samples.total("websocket_disconnections_total", **route) else None
+
+    try:
+        with asgi_server(namespace["app"], "uvicorn-sansio") as running:
+            async with connect(running.url("/rooms/42")) as client:
+                await client.send("hello")
+                assert await client.recv() == "42: hello"
+            samples = await asyncio.to_thread(wait_until, closed)
+    finally:
+        metrics.close()
+    assert samples.get("websocket_connections_total", **route) == 1
+    assert samples.get("websocket_messages_total", direction="sent", type="text", **route) == 1
 
 
 class Shutdowns:

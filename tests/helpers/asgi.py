@@ -64,7 +64,9 @@ def _listening() -> socket.socket:
 
 
 @contextlib.contextmanager
-def _uvicorn(app: Any, ws: str, sock: socket.socket, lifespan: bool) -> Iterator[None]:
+def _uvicorn(
+    app: Any, ws: str, sock: socket.socket, lifespan: bool, options: dict[str, Any]
+) -> Iterator[None]:
     import uvicorn
 
     config = uvicorn.Config(
@@ -75,6 +77,7 @@ def _uvicorn(app: Any, ws: str, sock: socket.socket, lifespan: bool) -> Iterator
         lifespan="on" if lifespan else "off",
         log_config=None,
         access_log=False,
+        **options,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -122,19 +125,22 @@ def _hypercorn(app: Any, sock: socket.socket) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def asgi_server(app: Any, server: str, *, lifespan: bool = False) -> Iterator[RunningASGI]:
+def asgi_server(
+    app: Any, server: str, *, lifespan: bool = False, **uvicorn_options: Any
+) -> Iterator[RunningASGI]:
     """Serve ``app`` with ``server`` (one of :data:`SERVERS`) until the block ends.
 
     Leaving the block stops the server, which waits for every connection's application
     call: what the application saw is complete then. hypercorn always runs the lifespan
-    protocol; uvicorn only with ``lifespan=True``.
+    protocol; uvicorn only with ``lifespan=True``. ``uvicorn_options``: more
+    ``uvicorn.Config`` arguments (``ws_max_size``...).
     """
     sock = _listening()
     try:
         if server == "hypercorn":
             cm = _hypercorn(app, sock)
         else:
-            cm = _uvicorn(app, _UVICORN_WS[server], sock, lifespan)
+            cm = _uvicorn(app, _UVICORN_WS[server], sock, lifespan, uvicorn_options)
         with cm:
             yield RunningASGI(server, sock.getsockname()[1])
     finally:

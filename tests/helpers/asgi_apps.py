@@ -137,7 +137,8 @@ def starlette_app(seen: list[Any], *, wrap: Wrap = _identity, **options: Any) ->
 
 
 def quart_app(seen: list[Any], *, wrap: Wrap = _identity) -> Any:
-    """Quart: ``/ws/<room>`` echoes until the client leaves; ``/`` answers HTTP."""
+    """Quart: ``/ws/<room>`` echoes until the client leaves (``consent``: grants the
+    ``ip`` purpose, answers the client IP the logs now show); ``/`` answers HTTP."""
     from quart import Quart, websocket
 
     app = Quart("asgi_tests")
@@ -151,6 +152,11 @@ def quart_app(seen: list[Any], *, wrap: Wrap = _identity) -> Any:
         while True:
             data = await websocket.receive()
             seen.append(data)
+            if data == "consent":
+                import ws_monitoring
+
+                client = ws_monitoring.grant(websocket, purposes={"ip"}, policy_version="v1")
+                data = str(client.ip)
             await websocket.send(data)
 
     return wrap(app)
