@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import ws_monitoring
-from tests.helpers.asgi import SERVERS, asgi_server
+from tests.helpers.asgi import SERVERS, asgi_server, upgrade_request
 from tests.helpers.asgi_apps import fastapi_app, quart_app, starlette_app
 from tests.helpers.scrape import Samples, scrape
 from tests.helpers.servers import async_wait_until, settled, wait_until
-from ws_monitoring.asgi import MonitoringMiddleware
+from ws_monitoring.asgi import MonitoringMiddleware, route_template
 from ws_monitoring.logging.setup import LoggingSetup, setup_logging
 
 ECHO = "/echo/{room}"
@@ -235,6 +236,158 @@ async def test_quart_with_route_grouping(
     assert samples.get("websocket_connections_total", **route) == 3
     assert samples.get("websocket_messages_total", direction="received", type="text", **route) == 3
     assert samples.get("websocket_messages_total", direction="sent", type="binary", **route) == 2
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "hypercorn"])
+async def test_a_client_that_leaves_before_accept(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    """A bare ASGI application that waits for the client's next event before accepting."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        seen.append((await receive())["type"])  # the client is gone
+        if scope["path"] == "/accept-anyway":
+            try:
+                await send({"type": "websocket.accept"})
+            except OSError as exc:  # uvicorn: ClientDisconnected
+                seen.append(type(exc).__name__)
+
+    middleware = MonitoringMiddleware(app, registry=registry, tracing=False)
+    with asgi_server(middleware, server) as running:
+        for path in ("/wait", "/accept-anyway"):
+            _, writer = await asyncio.open_connection(running.host, running.port)
+            writer.write(upgrade_request(path))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            await async_wait_until(lambda path=path: len(seen) >= (1 if path == "/wait" else 2))
+        samples = await settled(scrape_metrics, 0 if server != "hypercorn" else 1, handshakes=2)
+    failures = {"connection_lost": 2} if server != "hypercorn" else {"connection_lost": 1}
+    assert {
+        labels["status"]: samples.get("websocket_handshake_failures_total", **labels)
+        for labels in samples.series("websocket_handshake_failures_total")
+    } == failures
+    if server == "hypercorn":
+        # hypercorn ignores what is sent after the client left: the accept "succeeded".
+        assert seen == ["websocket.disconnect", "websocket.disconnect"]
+        assert samples.get("websocket_errors_total", route="/accept-anyway",
+                           type="connection_reset") == 1  # fmt: skip
+    else:
+        assert seen == ["websocket.disconnect", "websocket.disconnect", "ClientDisconnected"]
+        assert samples.total("websocket_connections_total") == 0
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "hypercorn"])
+async def test_a_send_after_the_client_left(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    left = threading.Event()
+    app = FastAPI()
+
+    @app.websocket("/late")
+    async def late(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        await asyncio.to_thread(left.wait, 10)
+        await websocket.send_text("too late")
+
+    app.add_middleware(MonitoringMiddleware, registry=registry, tracing=False)
+    with asgi_server(app, server) as running:
+        async with connect(running.url("/late")) as client:
+            await client.send("x")
+        left.set()
+        samples = await settled(scrape_metrics, 1, handshakes=1)
+    route = {"route": "/late"}
+    # uvicorn refuses the send (Starlette raises WebSocketDisconnect: the client left, no
+    # crash); hypercorn accepts and drops it. The application never saw the close.
+    sent = samples.total("websocket_messages_total", direction="sent", **route)
+    assert sent == (1 if server == "hypercorn" else 0)
+    assert samples.get("websocket_errors_total", type="handler_exception", **route) == 0
+    assert samples.get("websocket_errors_total", type="connection_reset", **route) == 1
+    assert samples.get("websocket_disconnections_total", code="1006", **route) == 1
+
+
+@pytest.mark.parametrize("server", ["uvicorn-sansio", "hypercorn"])
+async def test_unknown_statuses_and_what_follows_a_close(
+    server: str, registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    from starlette.responses import Response as HTTPResponse
+
+    app = FastAPI()
+    after_close: list[Any] = []
+
+    @app.websocket("/teapot")
+    async def teapot(websocket: WebSocket) -> None:
+        await websocket.send_denial_response(HTTPResponse(status_code=499))
+
+    @app.websocket("/closing")
+    async def closing(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close(4005)
+        after_close.append(await websocket.receive())  # the server's answer to our close
+
+    @app.websocket("/close-then-crash")
+    async def close_then_crash(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close(4006)
+        raise ValueError("a bug after the close")
+
+    app.add_middleware(MonitoringMiddleware, registry=registry, tracing=False)
+    with asgi_server(app, server) as running:
+        with pytest.raises(InvalidStatus) as denied:
+            async with connect(running.url("/teapot")):
+                pass
+        assert denied.value.response.status_code == 499
+        async with connect(running.url("/closing")) as client:
+            assert await closed_code(client) == 4005
+        async with connect(running.url("/close-then-crash")) as client:
+            assert await closed_code(client) == 4006
+        samples = await settled(scrape_metrics, 2, handshakes=3)
+    assert after_close[0]["type"] == "websocket.disconnect"
+    assert samples.get("websocket_handshake_failures_total", status="499") == 1
+    # The code the application sent, whatever the server echoes (hypercorn: 1000).
+    assert samples.get("websocket_disconnections_total", code="4xxx", route="/closing") == 1
+    # A crash after the close is a crash still; the code stays the one exchanged.
+    crashed = {"route": "/close-then-crash"}
+    assert samples.get("websocket_disconnections_total", code="4xxx", **crashed) == 1
+    assert samples.get("websocket_errors_total", type="handler_exception", **crashed) == 1
+    assert samples.total("websocket_errors_total") == 1
+
+
+def test_route_templates_from_the_scope() -> None:
+    class Route:
+        path_format = "/chat/{name}"
+
+    assert route_template({}) is None
+    assert route_template({"route": object()}) is None
+    assert route_template({"route": Route()}) == "/chat/{name}"
+    mounted = {"route": Route(), "root_path": "/api/v1", "app_root_path": "/api"}
+    assert route_template(mounted) == "/v1/chat/{name}"
+    # A root path that is not under the application's: the template alone.
+    assert route_template({**mounted, "app_root_path": "/other"}) == "/chat/{name}"
+
+
+def test_lifespan_flush_outside_asyncio() -> None:
+    """Another async library (trio): the flush runs in place, then the server is told."""
+    sink = Shutdowns()
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def send(message: Any) -> None:
+        sent.append((message["type"], list(sink.timeouts)))
+
+    middleware = MonitoringMiddleware(app, registry=CollectorRegistry(), tracing=False,
+                                      sinks=[sink])  # fmt: skip
+    # Driven by hand, as an event loop other than asyncio's would: no asyncio loop runs.
+    with pytest.raises(StopIteration):
+        middleware({"type": "lifespan"}, None, send).send(None)  # type: ignore[arg-type]
+    assert len(sent) == 1
+    assert sent[0][0] == "lifespan.shutdown.complete"
+    assert len(sent[0][1]) == 1  # flushed before the server heard of it
 
 
 @pytest.mark.parametrize("server", ["uvicorn-sansio", "uvicorn-wsproto"])

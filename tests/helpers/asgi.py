@@ -30,11 +30,21 @@ _UVICORN_WS = {
 VOLATILE_HEADERS = frozenset({"date"})
 
 
+def upgrade_request(path: str) -> bytes:
+    """A WebSocket opening handshake request for ``path``, as bytes on the wire."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
 class RunningASGI:
-    """A running ASGI server: ``port``, ``url(path)`` (ws://) and ``get(path)`` (HTTP)."""
+    """A running ASGI server: ``host``, ``port``, ``url(path)`` (ws://), ``get(path)`` (HTTP)."""
 
     def __init__(self, server: str, port: int) -> None:
         self.server = server
+        self.host = HOST
         self.port = port
 
     def url(self, path: str = "/") -> str:

@@ -188,11 +188,6 @@ class _Connection:
         self.disconnected = False
         self._send_error: BaseException | None = None
 
-    @property
-    def record(self) -> ConnectionRecord | None:
-        record: ConnectionRecord | None = getattr(self, RECORD_ATTR)
-        return record
-
     # -- what the application calls ----------------------------------------------------
 
     async def receive(self) -> Message:
@@ -203,10 +198,9 @@ class _Connection:
         message = await self._receive()
         kind = message["type"]
         if kind == "websocket.receive":
-            # Read again: a framework may ask for a message before it accepts (Quart).
+            # Read again: a framework may ask for a message before it accepts (Quart);
+            # the record exists before the server can send its 101 (see send()).
             record = getattr(self, RECORD_ATTR)
-            if record is None:
-                return message
             frame = self.frame
             text = message.get("text")
             if text is not None:
@@ -245,17 +239,26 @@ class _Connection:
             self.counter.encode(frame)
             frame.data = None
             return
+        accepting = kind == "websocket.accept" and self.handshake is not None
+        if accepting:
+            # Counting starts before the server answers 101: a message the client sends
+            # at once may reach a framework's reader task (Quart's) before send() returns.
+            record = ConnectionRecord(self.monitor)
+            self.counter = self.monitor.frame_counter(record)
+            setattr(self, RECORD_ATTR, record)
         try:
             await self._send(message)
         except BaseException as exc:
             self._send_error = exc
-            if kind == "websocket.accept" and self.handshake is not None:
+            if accepting:
+                setattr(self, RECORD_ATTR, None)
                 failure = "connection_lost" if isinstance(exc, OSError) else "error"
                 self._finish_handshake(failure=failure, error=exc)
             raise
         if self.handshake is not None:
-            if kind == "websocket.accept":
-                self._accepted(message)
+            if accepting:
+                self.subprotocol = message.get("subprotocol")
+                self._finish_handshake(accepted=True)
             elif kind == "websocket.close":
                 # ASGI servers answer a close before accept with 403 Forbidden.
                 self._finish_handshake(response=_response(403))
@@ -294,15 +297,8 @@ class _Connection:
             route=route_template(self.scope),
         )
         if accepted:
-            monitor = self.monitor
-            record = ConnectionRecord(monitor)
-            self.counter = monitor.frame_counter(record)
-            setattr(self, RECORD_ATTR, record)
-            monitor.open(self, handshake=handshake, request=self.request, record=record)
-
-    def _accepted(self, message: Message) -> None:
-        self.subprotocol = message.get("subprotocol")
-        self._finish_handshake(accepted=True)
+            record = getattr(self, RECORD_ATTR)
+            self.monitor.open(self, handshake=handshake, request=self.request, record=record)
 
     def _disconnect(self, message: Message) -> None:
         self.disconnected = True
@@ -328,11 +324,10 @@ class _Connection:
         if self.handshake is not None:
             if self.disconnected:
                 self._finish_handshake(failure="connection_lost", error=exc)
-            elif exc is None or isinstance(exc, Exception):
-                # Servers answer 500 when the app ends without accepting or denying.
-                self._finish_handshake(response=_response(500), error=exc)
             else:
-                self._finish_handshake(failure="error", error=exc)
+                # Servers answer 500 when the app ends without accepting or denying,
+                # whatever it raised (uvicorn, and hypercorn for a cancelled app too).
+                self._finish_handshake(response=_response(500), error=exc)
             return
         record: ConnectionRecord | None = getattr(self, RECORD_ATTR)
         if record is None:
