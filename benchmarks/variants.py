@@ -240,4 +240,9 @@ SERVERS.update(
 )
 SERVERS.update({name: ServerSpec(False, start, _no_sync) for name, start in labels.SERVERS.items()})
 
+# uvicorn + FastAPI, bare and with the ASGI middleware (built on the names above).
+from . import asgi as _asgi  # noqa: E402
+
+SERVERS.update(_asgi.servers())
+
 logging.getLogger("websockets").setLevel(logging.WARNING)
