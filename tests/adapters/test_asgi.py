@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ from tests.helpers.asgi_apps import fastapi_app, quart_app, starlette_app
 from tests.helpers.scrape import Samples, scrape
 from tests.helpers.servers import async_wait_until, settled, wait_until
 from ws_monitoring.asgi import MonitoringMiddleware, route_template
+from ws_monitoring.config import OPTION_NAMES, Config
 from ws_monitoring.logging.setup import LoggingSetup, setup_logging
 
 ECHO = "/echo/{room}"
@@ -480,11 +483,15 @@ async def test_lifespan_shutdown_flushes_the_sinks(
 
 @pytest.fixture
 def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """JSON lines of ws_monitoring's loggers and of the test application's."""
     stream = io.StringIO()
-    setup: LoggingSetup = setup_logging("INFO", stream=stream, background=False, root=True)
+    setup: LoggingSetup = setup_logging("INFO", stream=stream, background=False)
+    app_logger = logging.getLogger("tests.asgi_app")
+    app_logger.addHandler(setup.handlers[0])
     try:
         yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
     finally:
+        app_logger.removeHandler(setup.handlers[0])
         setup.close()
 
 
@@ -555,12 +562,32 @@ def test_options_are_checked() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         pass
 
-    with pytest.raises(TypeError, match="rutes"):
-        MonitoringMiddleware(app, rutes=["/a"])
+    message = "MonitoringMiddleware(): unknown option 'rutes'; did you mean 'routes'?"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        MonitoringMiddleware(app, rutes=["/a"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_routes"):
+        MonitoringMiddleware(app, max_routes="5")
+    config = Config(metrics=False)
+    assert MonitoringMiddleware(app, config=config).monitor.config is config
+    replaced = MonitoringMiddleware(app, config=config, tracing=False).monitor.config
+    assert (replaced.metrics, replaced.tracing) == (False, False)
     with pytest.raises(ValueError, match="max_routes"):
         MonitoringMiddleware(app, max_routes=0)
     with pytest.raises(TypeError, match="ASGI application"):
         MonitoringMiddleware(None)  # type: ignore[arg-type]
+
+
+def test_its_options_are_instruments() -> None:
+    """The middleware takes Config's fields, typed as instrument() types them."""
+    from typing import get_overloads
+
+    def options(function: Callable[..., Any]) -> list[tuple[str, Any]]:
+        parameters = inspect.signature(function).parameters.values()
+        return [(p.name, p.annotation) for p in parameters if p.kind is p.KEYWORD_ONLY]
+
+    expected = options(get_overloads(ws_monitoring.instrument)[0])
+    assert options(MonitoringMiddleware.__init__) == expected
+    assert [name for name, _ in expected] == ["config", *OPTION_NAMES]
 
 
 async def test_http_and_lifespan_scopes_pass_through() -> None:
