@@ -645,6 +645,34 @@ def test_instrument_refuses_framework_endpoints_and_applications() -> None:
             ws_monitoring.instrument(application)
 
 
+async def test_an_unannotated_starlette_handler_runs_unmonitored_and_says_so(
+    registry: CollectorRegistry,
+    scrape_metrics: Callable[[], Samples],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without annotations, instrument() cannot tell: the first connection does."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    @ws_monitoring.instrument(registry=registry)
+    async def endpoint(websocket):  # type: ignore[no-untyped-def]  # as in Starlette's docs
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    with asgi_server(app, "uvicorn-sansio") as running:
+        for _ in range(2):
+            async with connect(running.url("/ws")) as client:
+                await exchange(client, "hi")  # served as without instrument()
+                assert await closed_code(client) == 1000
+    errors = [r.getMessage() for r in caplog.records if r.name == "ws_monitoring"]
+    assert len(errors) == 1, errors
+    assert "starlette.websockets.WebSocket is not a websockets.asyncio" in errors[0]
+    assert "wrap the application in ws_monitoring.asgi.MonitoringMiddleware" in errors[0]
+    assert scrape_metrics().total("websocket_connections_total") == 0
+
+
 def test_instrument_still_takes_annotated_websockets_handlers() -> None:
     from websockets.asyncio.server import ServerConnection
 
