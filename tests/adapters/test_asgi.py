@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import ws_monitoring
 from tests.helpers.asgi import SERVERS, asgi_server, upgrade_request
 from tests.helpers.asgi_apps import fastapi_app, quart_app, starlette_app
+from tests.helpers.leak import ClosedCounter
 from tests.helpers.scrape import Samples, scrape
 from tests.helpers.servers import async_wait_until, settled, wait_until
 from ws_monitoring.asgi import MonitoringMiddleware, route_template
@@ -440,24 +441,12 @@ async def test_the_readme_example_runs_as_written() -> None:
     assert samples.get("websocket_messages_total", direction="sent", type="text", **route) == 1
 
 
-class Shutdowns:
-    """A real sink that records when it is flushed."""
+class Shutdowns(ClosedCounter):
+    """A real sink that also records when it is flushed."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.timeouts: list[float] = []
-        self.closed = 0
-
-    def handshake_finished(self, handshake: Any) -> None:
-        pass
-
-    def connection_opened(self, connection: Any) -> None:
-        pass
-
-    def handler_failed(self, connection: Any, exc: BaseException) -> None:
-        pass
-
-    def connection_closed(self, connection: Any) -> None:
-        self.closed += 1
 
     def shutdown(self, timeout: float) -> None:
         self.timeouts.append(timeout)
