@@ -17,13 +17,16 @@ being held across read-modify-write.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import logging
 import math
 import os
+import threading
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -31,7 +34,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .config import Config
-from .labels import RouteMapper
+from .labels import RouteMapper, TenantMapper
 from .privacy import Client, Privacy
 from .typing import NOT_SAMPLED, Data, MessageSink, Sink
 
@@ -45,12 +48,18 @@ if TYPE_CHECKING:
 __all__ = [
     "HANDSHAKE_ATTR",
     "RECORD_ATTR",
+    "SHUTDOWN_TIMEOUT",
     "ConnectionRecord",
     "HandshakeRecord",
     "HistogramLayout",
     "Monitor",
+    "at_exit",
+    "forget_at_exit",
     "monitor_of",
     "record_of",
+    "run_until",
+    "shutdown_step",
+    "shutdown_timeout",
     "sum_counts",
 ]
 
@@ -346,6 +355,7 @@ class ConnectionRecord(_CountsBase):
         "request",
         "route",
         "subprotocol",
+        "tenant",
     )
 
     def __init__(self, monitor: Monitor) -> None:
@@ -356,6 +366,8 @@ class ConnectionRecord(_CountsBase):
         self.connection: Any = None
         self.path = ""
         self.route = ""
+        #: The bounded ``tenant`` label ("" without ``config.tenant``; see TenantMapper).
+        self.tenant = ""
         self.request: Request | None = None
         self.remote_address: Any = None
         self.subprotocol: str | None = None
@@ -772,6 +784,8 @@ class Monitor:
         self.config = config
         self.routes = RouteMapper(config)
         self.privacy = privacy if privacy is not None else Privacy(config)
+        #: The tenant label of a request, with ``config.tenant``; else None.
+        self.tenants = TenantMapper(config, self.privacy) if config.tenant is not None else None
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.message_sinks: tuple[MessageSink, ...] = tuple(
             s for s in sinks if isinstance(s, MessageSink)
@@ -896,6 +910,8 @@ class Monitor:
         record.connection = connection
         record.path = raw_path.split("?", 1)[0]
         record.route = handshake.route if handshake and handshake.route else self.routes(raw_path)
+        if self.tenants is not None:
+            record.tenant = self.tenants(request)
         record.request = request
         try:
             record.remote_address = connection.remote_address
@@ -946,14 +962,15 @@ class Monitor:
             record.error_type = classify_close(protocol)
         self._dispatch("connection_closed", record)
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Flush every sink within ``timeout`` seconds in total."""
-        deadline = _now() + timeout
-        for sink in self.sinks:
-            try:
-                sink.shutdown(max(0.0, deadline - _now()))
-            except Exception:
-                logger.exception("ws_monitoring sink %s.shutdown failed", type(sink).__name__)
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Flush every sink, side by side, within ``timeout`` seconds and within the
+        shared shutdown deadline (:func:`shutdown_step`): a sink stuck on the network
+        costs the others nothing."""
+        with shutdown_step(timeout) as deadline:
+            run_until(
+                deadline,
+                [(f"{type(sink).__name__}.shutdown", sink.shutdown) for sink in self.sinks],
+            )
 
 
 SinkFactory = Callable[[Config], Sink | None]
@@ -984,3 +1001,141 @@ def monitor_of(target: Any) -> Monitor | None:
         return None
     monitor = getattr(inner, "__ws_monitoring__", None)
     return monitor if isinstance(monitor, Monitor) else None
+
+
+# -- shutdown: one deadline for everything ws-monitoring does when the process stops ----------
+
+#: Seconds that stopping takes at most, in total, by default: flushing the sinks of a
+#: server that closes, then the exit hooks (span exporter, alert queues, log queue).
+#: ``WS_MONITORING_SHUTDOWN_TIMEOUT`` (seconds) overrides it.
+SHUTDOWN_TIMEOUT = 5.0
+
+#: A shutdown step that starts less than this many seconds after the previous one ended
+#: shares its deadline if that one ran out of time, or if this one is the interpreter's
+#: exit: a server's close then the exit are one shutdown, and a second close after one
+#: that was stuck does not wait again. Steps that start while another runs share too.
+SHUTDOWN_GAP = 1.0
+
+
+class _Shutdown:
+    """The last shutdown: its deadline (``time.monotonic()``), steps running, when the
+    last one ended and whether it ran out of time."""
+
+    lock = threading.Lock()
+    deadline = -math.inf
+    running = 0
+    ended = -math.inf
+    cut = False
+    warned = False
+
+
+def shutdown_timeout() -> float:
+    """The shutdown deadline in seconds: ``WS_MONITORING_SHUTDOWN_TIMEOUT`` if set to a
+    number of seconds (0 or more), else :data:`SHUTDOWN_TIMEOUT`; another value is logged
+    once and ignored."""
+    raw = os.environ.get("WS_MONITORING_SHUTDOWN_TIMEOUT", "").strip()
+    if not raw:
+        return SHUTDOWN_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        if not _Shutdown.warned:
+            _Shutdown.warned = True
+            logger.warning(
+                "WS_MONITORING_SHUTDOWN_TIMEOUT=%r is not a number of seconds: using %g s",
+                raw, SHUTDOWN_TIMEOUT,
+            )  # fmt: skip
+        return SHUTDOWN_TIMEOUT
+    return value
+
+
+@contextlib.contextmanager
+def shutdown_step(timeout: float | None = None, *, exiting: bool = False) -> Iterator[float]:
+    """One step of a shutdown (a server's close, an exit hook); yields its deadline, a
+    ``time.monotonic()`` value.
+
+    A new shutdown gets :func:`shutdown_timeout` seconds; steps of one shutdown (see
+    :data:`SHUTDOWN_GAP`) share its deadline. ``timeout`` (seconds) can only bring a
+    step's own deadline closer. ``exiting``: the step is the interpreter's exit.
+    """
+    now = time.monotonic()
+    with _Shutdown.lock:
+        recent = now - _Shutdown.ended < SHUTDOWN_GAP
+        if not _Shutdown.running and not (recent and (_Shutdown.cut or exiting)):
+            _Shutdown.deadline = now + shutdown_timeout()
+        _Shutdown.running += 1
+        deadline = _Shutdown.deadline
+    if timeout is not None:
+        deadline = min(deadline, now + max(0.0, timeout))
+    try:
+        yield deadline
+    finally:
+        with _Shutdown.lock:
+            _Shutdown.running -= 1
+            _Shutdown.ended = time.monotonic()
+            # Within a millisecond of its deadline: something it waited for did not finish.
+            _Shutdown.cut = _Shutdown.ended >= deadline - 0.001
+
+
+def run_until(deadline: float, calls: Sequence[tuple[str, Callable[[float], object]]]) -> bool:
+    """Call every ``call(seconds left)`` in a thread of its own and wait for them until
+    ``deadline`` (``time.monotonic()``). Returns whether all finished; a call that raises
+    is logged, one still running at the deadline is left to its (daemon) thread.
+
+    Where no thread can start (Python 3.12 refuses in exit hooks), the calls run one
+    after the other in this thread instead, each with what is left of the deadline.
+    """
+    threads = []
+    for name, call in calls:
+
+        def run(name: str = name, call: Callable[[float], object] = call) -> None:
+            try:
+                call(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                logger.exception("ws_monitoring sink %s failed", name)
+
+        thread = threading.Thread(target=run, name=f"ws-monitoring-shutdown-{name}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            run()
+            continue
+        threads.append((name, thread))
+    late = []
+    for name, thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            late.append(name)
+    if late:
+        logger.warning("ws_monitoring: %s still shutting down at the deadline", ", ".join(late))
+    return not late
+
+
+_exit_hooks: list[Callable[[float], object]] = []
+
+
+def at_exit(hook: Callable[[float], object]) -> None:
+    """Call ``hook(seconds left)`` when the interpreter exits, side by side with the
+    other hooks, within the shared shutdown deadline. Registering a hook twice is a no-op."""
+    with _Shutdown.lock:
+        if hook not in _exit_hooks:
+            _exit_hooks.append(hook)
+
+
+def forget_at_exit(hook: Callable[[float], object]) -> None:
+    """Undo :func:`at_exit` (a no-op for a hook not registered)."""
+    with _Shutdown.lock:
+        if hook in _exit_hooks:
+            _exit_hooks.remove(hook)
+
+
+@atexit.register
+def _run_exit_hooks() -> None:  # pragma: no cover - runs at exit (tested in a subprocess)
+    with _Shutdown.lock:
+        hooks = list(_exit_hooks)
+        _exit_hooks.clear()
+    if hooks:
+        with shutdown_step(exiting=True) as deadline:
+            run_until(deadline, [(getattr(h, "__qualname__", repr(h)), h) for h in hooks])

@@ -40,7 +40,6 @@ from ws_monitoring.typing import Data
 
 from .asyncio import (
     _TIMED_ATTR,
-    SHUTDOWN_TIMEOUT,
     RecvHooksBase,
     _finish,
     _is_upgrade,
@@ -364,9 +363,10 @@ def serve(
 
     @functools.wraps(shutdown)
     def shutdown_then_flush(*args: Any, **kwargs: Any) -> None:
-        # ``with serve(...)`` ends here: flush the sinks (spans, alerts) within a deadline.
+        # ``with serve(...)`` ends here: flush the sinks (spans, alerts) within the
+        # shared shutdown deadline.
         shutdown(*args, **kwargs)
-        monitor.shutdown(SHUTDOWN_TIMEOUT)
+        monitor.shutdown()
 
     server.shutdown = shutdown_then_flush  # type: ignore[method-assign]
     return server

@@ -17,6 +17,7 @@ import logging.handlers
 import queue
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -135,10 +136,22 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
 
 
 class Listener(logging.handlers.QueueListener):
-    def enqueue_sentinel(self) -> None:
-        # The queue may be full: wait for room rather than fail to stop.
+    def stop_by(self, deadline: float) -> bool:
+        """Write what is queued and stop, by ``deadline`` (``time.monotonic()``);
+        whether the thread is done (else it is left writing: it is a daemon)."""
         q: queue.Queue[Any] = self.queue  # type: ignore[assignment]
-        q.put(None, timeout=10.0)
+        thread = self._thread
+        try:
+            # The queue may be full: wait for room rather than fail to stop.
+            q.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            return False
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+        self._thread = None
+        return True
 
 
 class LoggingCollector:

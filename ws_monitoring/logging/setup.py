@@ -59,7 +59,6 @@ it loses (:mod:`ws_monitoring.logging.handlers`): no traceback per record.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -73,7 +72,14 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from ws_monitoring.config import Config
-from ws_monitoring.core import HANDSHAKE_ATTR, monitor_of, record_of
+from ws_monitoring.core import (
+    HANDSHAKE_ATTR,
+    at_exit,
+    forget_at_exit,
+    monitor_of,
+    record_of,
+    shutdown_step,
+)
 from ws_monitoring.privacy import JOURNAL_LOGGER, Privacy
 
 from .context import ConnectionContextFilter
@@ -224,14 +230,19 @@ class LoggingSetup:
                 handler.flush()
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Write what is queued, detach and close every handler, and restore the levels
-        and ``propagate`` flags of the loggers it configured. Idempotent."""
+        and ``propagate`` flags of the loggers it configured. Idempotent.
+
+        Writing the queue takes ``timeout`` seconds at most, and never goes past the
+        shared shutdown deadline (:func:`ws_monitoring.core.shutdown_step`): at exit,
+        this runs by itself, side by side with the other sinks' exit hooks.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self.close)
+        forget_at_exit(self.close)
         for logger, handler in self._attached:
             logger.removeHandler(handler)
         for handler, context_filter in self._shared:
@@ -243,7 +254,10 @@ class LoggingSetup:
         for name, level in self._levels.items():
             logging.getLogger(name or None).setLevel(level)
         if self._listener is not None:
-            self._listener.stop()
+            with shutdown_step(timeout) as deadline:
+                if not self._listener.stop_by(deadline):
+                    # Still writing: its handlers stay open for it (the process is ending).
+                    return
         for handler in self.handlers:
             handler.close()
 
@@ -488,5 +502,5 @@ def setup_logging(
         levels=levels,
         shared=shared_filters,
     )
-    atexit.register(setup.close)
+    at_exit(setup.close)
     return setup
