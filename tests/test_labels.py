@@ -762,6 +762,6 @@ def test_tenant_options_are_validated() -> None:
     with pytest.raises(ValueError, match="max_tenants must be at least 1"):
         Config(tenant=by_header, max_tenants=0)
     # A wrong type is a TypeError, as for every option (tests/test_config.py).
-    with pytest.raises(TypeError, match="^tenant: expected a function or None"):
+    with pytest.raises(TypeError, match=r"^tenant: expected a function or None"):
         Config(tenant="X-Tenant")  # type: ignore[arg-type]
     assert Config(tenant=by_header, tenants=("a", "b")).tenants == frozenset({"a", "b"})

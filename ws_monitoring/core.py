@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -859,8 +859,14 @@ class Monitor:
         failure: str | None = None,
         health_check: bool = False,
         remote_address: Any = None,
+        route: str | None = None,
     ) -> None:
-        """The handshake ended; ``failure`` names why when no response was sent."""
+        """The handshake ended; ``failure`` names why when no response was sent.
+
+        ``route``: the route template the application's framework matched (see
+        :mod:`ws_monitoring.adapters.asgi`), used instead of grouping the request path;
+        ``max_routes`` still applies.
+        """
         handshake.duration = _now() - handshake.started_at
         handshake.remote_address = remote_address
         handshake.request = request
@@ -871,7 +877,10 @@ class Monitor:
             handshake.path = request.path.split("?", 1)[0]
             # Rejected requests for arbitrary paths must not fill the bounded route table.
             route_of = self.routes if accepted else self.routes.peek
-            handshake.route = route_of(request.path)
+            if route is None:
+                handshake.route = route_of(request.path)
+            else:
+                handshake.route = route_of(route, grouped=True)
         if accepted:
             handshake.outcome = "accepted"
             handshake.status = 101
@@ -977,8 +986,18 @@ SinkFactory = Callable[[Config], Sink | None]
 
 
 def record_of(connection: Any) -> ConnectionRecord | None:
-    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet)."""
-    return getattr(connection, RECORD_ATTR, None)
+    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet).
+
+    An ASGI connection (:mod:`ws_monitoring.adapters.asgi`) is found through its scope, or
+    an object holding it as ``scope`` (Starlette's and Quart's ``WebSocket``): the scope
+    keeps the adapter's connection under the same name.
+    """
+    record = getattr(connection, RECORD_ATTR, None)
+    if record is None:
+        scope = getattr(connection, "scope", connection)
+        if isinstance(scope, Mapping):
+            record = getattr(scope.get(RECORD_ATTR), RECORD_ATTR, None)
+    return record
 
 
 def monitor_of(target: Any) -> Monitor | None:

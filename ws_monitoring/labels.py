@@ -243,18 +243,22 @@ class RouteMapper:
             return clean_label(path or "/")
         return safe_path(path, max_length=MAX_LABEL_LENGTH)
 
-    def __call__(self, path: str) -> str:
-        """The bounded ``route`` label for ``path``."""
-        return self._table(self.group(path))
+    def __call__(self, path: str, *, grouped: bool = False) -> str:
+        """The bounded ``route`` label for ``path``.
 
-    def peek(self, path: str) -> str:
+        ``grouped``: ``path`` is already a route (a framework's template, see
+        :mod:`ws_monitoring.adapters.asgi`): only the table's bounds apply.
+        """
+        return self._table(path if grouped else self.group(path))
+
+    def peek(self, path: str, *, grouped: bool = False) -> str:
         """The label ``path`` has without claiming a place in the table (for rejected requests).
 
-        A route already in the table, or a template (bounded by configuration), is
-        returned as is; anything else is the overflow value.
+        A route already in the table, or a template (bounded by configuration, or
+        ``grouped``: a framework's), is returned as is; anything else is the overflow value.
         """
-        route = self.group(path)
-        if route in self._table or self._templates or route == self._unmatched:
+        route = path if grouped else self.group(path)
+        if route in self._table or grouped or self._templates or route == self._unmatched:
             return route
         return self._table.peek(route)
 
