@@ -10,6 +10,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from .asgi import VARIANTS as ASGI_VARIANTS
+
 __all__ = ["VARIANTS", "chart", "machine", "table", "write_json"]
 
 #: (variant, label, floor variant, budget ratio or None), in report order.
@@ -23,6 +25,7 @@ VARIANTS: tuple[tuple[str, str, str, float | None], ...] = (
     ("sync-bare", "6. threading: bare (floor)", "sync-bare", None),
     ("sync-metrics", "6. threading: metrics only", "sync-bare", None),
     ("sync-defaults", "6. threading: defaults", "sync-bare", None),
+    *ASGI_VARIANTS,
 )
 LABELS = {v: label for v, label, _, _ in VARIANTS}
 
@@ -67,6 +70,8 @@ def machine() -> dict[str, Any]:
                 "prometheus_client",
                 "opentelemetry-sdk",
                 "python-json-logger",
+                "uvicorn",
+                "fastapi",
                 "ws-monitoring",
             )
         },
