@@ -9,7 +9,10 @@ import resource
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
+
+from .variants import SERVERS
 
 __all__ = ["Receiver", "ServerProcess", "cpu_plan", "raise_fd_limit"]
 
@@ -51,9 +54,15 @@ def _pin(pid: int, cpus: set[int] | None) -> None:
 class _Child:
     """A Python child process speaking JSON lines on stdin/stdout."""
 
-    def __init__(self, args: list[str], cpus: set[int] | None, name: str) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cpus: set[int] | None,
+        name: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
-        env = dict(os.environ)
+        env = {**os.environ, **(extra_env or {})}
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         # Coverage or other interpreter-wide hooks would skew the server's CPU time.
         env.pop("COVERAGE_PROCESS_START", None)
@@ -148,7 +157,7 @@ class ServerProcess(_Child):
             args += ["--otlp", otlp]
         if alerts:
             args += ["--alerts", alerts]
-        super().__init__(args, cpus, f"server {variant}")
+        super().__init__(args, cpus, f"server {variant}", SERVERS[variant].env)
         self.variant = variant
 
     @property
