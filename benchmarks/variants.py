@@ -257,9 +257,7 @@ SERVERS: dict[str, ServerSpec] = {
     "instrument-metrics": ServerSpec(False, _async_instrument("metrics"), _no_sync),
     "instrument-defaults": ServerSpec(False, _async_instrument("defaults"), _no_sync),
     "python-metrics": ServerSpec(False, _async_ws_monitoring("metrics"), _no_sync, _PURE_PYTHON),
-    "python-defaults": ServerSpec(
-        False, _async_ws_monitoring("defaults"), _no_sync, _PURE_PYTHON
-    ),
+    "python-defaults": ServerSpec(False, _async_ws_monitoring("defaults"), _no_sync, _PURE_PYTHON),
     "sync-bare": ServerSpec(True, _no_async, _sync_bare),
     "sync-metrics": ServerSpec(True, _no_async, _sync_ws_monitoring("metrics")),
     "sync-defaults": ServerSpec(True, _no_async, _sync_ws_monitoring("defaults")),

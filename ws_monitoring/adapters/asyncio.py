@@ -80,8 +80,9 @@ class TimedRecv:
     """``recv``/``recv_streaming`` timing how long each message is handled.
 
     The methods of the connection classes ``serve`` makes and of :func:`_timed_class`,
-    where they cost nothing per connection; or of :class:`_RecvHooks`. Each provides ``_ws_monitoring_record``
-    and, under ``_ws_monitoring_recv(_streaming)``, websockets' own methods.
+    where they cost nothing per connection; or of :class:`_RecvHooks`. Each provides
+    ``_ws_monitoring_record`` and, under ``_ws_monitoring_recv(_streaming)``, websockets'
+    own methods.
     """
 
     __slots__ = ()
@@ -168,7 +169,7 @@ def _timed_recv(base: type[Any], record_slot: Any = None) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=64)
-def _timed_class(base: type[Any]) -> type[Any] | None:
+def _timed_class(base: Any) -> type[Any] | None:
     """A subclass of ``base`` that times ``recv``, for connections ``serve()`` did not make.
 
     Shared by every monitor (``recv`` finds the record on the connection). It adds no
@@ -195,7 +196,8 @@ def _time_recv(connection: Any, record: ConnectionRecord) -> None:
     class), and no Python frame per message. Only a class that refuses the move gets
     per-connection hooks.
     """
-    timed = _timed_class(type(connection))
+    kind: Any = type(connection)
+    timed = _timed_class(kind)
     if timed is not None:
         try:
             connection.__class__ = timed
