@@ -6,10 +6,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
 
 from tests.helpers.scrape import Samples, scrape
 from ws_monitoring import MetricsServer, start_metrics_server
+
+# Tests check correctness, not speed: no per-example deadline, which a loaded 2-core
+# machine (CI, the coverage tracer, a subprocess suite) would trip by chance.
+settings.register_profile("ws_monitoring", deadline=None)
+settings.load_profile("ws_monitoring")
 
 
 @pytest.fixture

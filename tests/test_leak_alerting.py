@@ -54,7 +54,7 @@ async def run(
             options={"alerters": [sentry, prom]},
         )
         assert await asyncio.to_thread(prom.flush, 5)
-        events = await asyncio.to_thread(receiver.drain)
+        events = await asyncio.to_thread(receiver.drain, sentry)
     finally:
         prom.close(timeout=1)
     return events, receiver.raw_text(), "\n".join(peer.raw)

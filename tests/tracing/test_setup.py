@@ -600,10 +600,11 @@ async def test_one_megabyte_header_is_rejected_and_counted(
     assert failed.status == "ERROR"
     assert failed.attributes == {
         "network.protocol.name": "websocket",
-        "websocket.handshake.outcome": "failed",
-        "error.type": "invalid_request",
+        "websocket.handshake.outcome": "rejected",
+        "http.response.status_code": 431,
+        "error.type": "431",
     }
-    assert samples["websocket_handshake_failures_total", {"status": "invalid_request"}] == 1
+    assert samples["websocket_handshake_failures_total", {"status": "431"}] == 1
 
 
 async def test_context_from_message(

@@ -40,10 +40,6 @@ AsyncHandler = Callable[[ServerConnection], Awaitable[None]]
 HTTPHook = Callable[..., Awaitable[Response | None] | Response | None]
 
 
-#: Seconds the sinks get to flush (spans, alerts) when a server made by ``serve`` closes.
-SHUTDOWN_TIMEOUT = 5.0
-
-
 #: Where a connection's original ``recv``/``recv_streaming`` are found by ``TimedRecv``.
 _RECV_ATTR = "_ws_monitoring_recv"
 _RECV_STREAMING_ATTR = "_ws_monitoring_recv_streaming"
@@ -337,9 +333,9 @@ def serve(
 
     async def wait_closed_then_flush() -> None:
         # ``async with serve(...)`` and ``serve_forever()`` both end here: flush the
-        # sinks (spans, alerts) within a deadline, off the event loop.
+        # sinks (spans, alerts) within the shared shutdown deadline, off the event loop.
         await wait_closed()
-        await asyncio.to_thread(monitor.shutdown, SHUTDOWN_TIMEOUT)
+        await asyncio.to_thread(monitor.shutdown)
 
     server.wait_closed = wait_closed_then_flush  # type: ignore[method-assign]
     return server

@@ -18,11 +18,13 @@ aggregates are written as deltas into mmap-backed ``prometheus_client`` metrics 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from operator import add
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
@@ -48,7 +50,18 @@ from .exposition import (
     direct_exposition_format,
 )
 
-__all__ = ["MetricsSink", "Snapshot"]
+__all__ = ["Crash", "MetricsSink", "Snapshot"]
+
+
+class Crash(NamedTuple):
+    """One handler crash, as the logs tell it: no message, no client data."""
+
+    #: Unix time the connection closed.
+    time: float
+    route: str
+    #: The exception's class name.
+    error_type: str
+    close_code: int | None
 
 
 class _Histogram:
@@ -182,6 +195,16 @@ class MetricsSink:
         self._handshake_failures: dict[str, int] = {}
         self._handshake_duration = _Histogram(len(config.handshake_buckets))
         self._bridge: multiprocess.MultiprocessBridge | None = None
+        self._crashes: deque[Crash] = deque(maxlen=self.CRASHES_KEPT)
+
+    #: Handler crashes :meth:`recent_crashes` keeps (the live page shows them).
+    CRASHES_KEPT: ClassVar[int] = 20
+
+    @classmethod
+    def of_registry(cls, registry: CollectorRegistry) -> list[MetricsSink]:
+        """The sinks counting into ``registry``, one per namespace."""
+        with cls._instances_lock:
+            return list(cls._instances.get(registry, {}).values())
 
     @classmethod
     def for_config(cls, config: Config) -> MetricsSink:
@@ -259,6 +282,14 @@ class MetricsSink:
             if kind is not None and kind != "handler_exception":
                 key = (route, kind)
                 self._errors[key] = self._errors.get(key, 0) + 1
+            elif kind is not None:
+                error = type(connection.error).__name__
+                self._crashes.append(Crash(time.time(), route, error, connection.close_code))
+
+    def recent_crashes(self) -> list[Crash]:
+        """The last :attr:`CRASHES_KEPT` handler crashes, oldest first."""
+        with self._lock:
+            return list(self._crashes)
 
     def shutdown(self, timeout: float) -> None:
         """In multiprocess mode, publish the last values; otherwise nothing to flush."""

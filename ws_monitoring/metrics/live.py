@@ -1,0 +1,427 @@
+"""The live page of the metrics server: ``/`` (also ``/live``) and ``/live.json``.
+
+A look at what the server does now, for whoever has no Grafana at hand: open
+connections, rates, handling-time quantiles, errors, recent crashes and the sinks'
+state, as numbers and small sparklines, refreshed every :data:`INTERVAL` seconds.
+
+**Where the numbers come from.** A sample collects the registry the metrics server
+serves, as a scrape does (the same collectors reading the same records), and keeps the
+values the page needs: no second counting path, nothing on the per-message hot path.
+In multiprocess mode that registry is the workers' mmap aggregate, so the page shows
+what ``/metrics`` shows and says what does not exist there (crashes, exemplars).
+Samples are taken only while someone polls ``/live.json``, at most one per
+:data:`INTERVAL` however many viewers there are; the last :data:`HISTORY` are kept, none
+older than :data:`MAX_AGE` (a ring buffer: memory stays bounded however long it runs).
+
+**Nothing personal.** Route, close code, error type and status labels and counts, as a
+scrape shows them; for a crash, the exception's class name, as the logs show it.
+
+The JSON document is described in :meth:`LivePage.document`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from itertools import pairwise
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from .sink import Crash, MetricsSink
+
+__all__ = ["HISTORY", "INTERVAL", "LivePage", "quantile"]
+
+#: Seconds between two samples (the page polls as often).
+INTERVAL = 1.0
+#: Samples kept: five minutes at one per second.
+HISTORY = 300
+#: Seconds of history: older samples (from before nobody watched) are dropped too.
+MAX_AGE = 300.0
+#: Routes with per-route sparklines (the busiest); every route has its numbers.
+ROUTES_CHARTED = 10
+#: Quantiles of the message handling time the page shows.
+QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+#: Counts the page shows as totals and per-interval increases.
+_TOTALS = ("opened", "closed", "messages_in", "messages_out", "bytes_in", "bytes_out")
+_BY_LABEL = ("errors", "close_codes", "handshake_failures")
+
+_Labels = tuple[tuple[str, str], ...]
+
+
+class _Sample:
+    """The values of one collection that the page needs, and their increase since the last."""
+
+    __slots__ = (
+        "active",
+        "buckets",
+        "bytes_in",
+        "bytes_out",
+        "close_codes",
+        "closed",
+        "crashes",
+        "errors",
+        "exemplars",
+        "handshake_failures",
+        "increase",
+        "latency",
+        "messages_in",
+        "messages_out",
+        "mono",
+        "opened",
+        "own",
+        "tracing",
+        "unix",
+    )
+
+    def __init__(self, mono: float, unix: float) -> None:
+        self.mono = mono
+        self.unix = unix
+        # Cumulative values, by route (or by label for close codes, errors, statuses).
+        self.active: dict[str, float] = {}
+        self.opened: dict[str, float] = {}
+        self.closed: dict[str, float] = {}
+        self.messages_in: dict[str, float] = {}
+        self.messages_out: dict[str, float] = {}
+        self.bytes_in: dict[str, float] = {}
+        self.bytes_out: dict[str, float] = {}
+        self.close_codes: dict[str, float] = {}
+        self.errors: dict[str, float] = {}
+        self.handshake_failures: dict[str, float] = {}
+        #: Message handling time per route: (upper bound, cumulative count), +Inf last.
+        self.buckets: dict[str, list[tuple[float, float]]] = {}
+        #: (seconds, trace id, unix time, route) of every exemplar.
+        self.exemplars: list[tuple[float, str, float, str]] = []
+        #: ws_monitoring's own series: (sample name, labels) -> value.
+        self.own: dict[tuple[str, _Labels], float] = {}
+        self.tracing = False
+        #: None: no sink to ask (another registry, multiprocess mode).
+        self.crashes: list[Crash] | None = None
+        # Since the previous sample (set by LivePage._derive).
+        self.increase: dict[str, Any] = {}
+        self.latency: dict[str, dict[str, float | None]] = {}
+
+
+def _add(table: dict[str, float], key: str, value: float) -> None:
+    table[key] = table.get(key, 0.0) + value
+
+
+def _read(families: Iterable[Metric], namespace: str, sample: _Sample) -> None:
+    """Keep what the page needs from collected families, by sample name and labels."""
+    ns = namespace
+    simple = {
+        f"{ns}_connections_active": (sample.active, "route"),
+        f"{ns}_connections_total": (sample.opened, "route"),
+        f"{ns}_errors_total": (sample.errors, "type"),
+        f"{ns}_handshake_failures_total": (sample.handshake_failures, "status"),
+    }
+    by_direction = {
+        f"{ns}_messages_total": (sample.messages_in, sample.messages_out),
+        f"{ns}_message_size_bytes_sum": (sample.bytes_in, sample.bytes_out),
+    }
+    disconnections = f"{ns}_disconnections_total"
+    duration = f"{ns}_message_duration_seconds_bucket"
+    for family in families:
+        if family.name.startswith("ws_monitoring_"):
+            if family.name.startswith(("ws_monitoring_spans_", "ws_monitoring_trace_")):
+                sample.tracing = True
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    sample.own[key] = sample.own.get(key, 0.0) + s.value
+            continue
+        for s in family.samples:
+            name, labels = s.name, s.labels
+            route = labels.get("route", "")
+            if name in simple:
+                table, label = simple[name]
+                _add(table, labels.get(label, ""), s.value)
+            elif name in by_direction:
+                received, sent = by_direction[name]
+                _add(received if labels.get("direction") == "received" else sent, route, s.value)
+            elif name == disconnections:
+                _add(sample.closed, route, s.value)
+                _add(sample.close_codes, labels.get("code", ""), s.value)
+            elif name == duration:
+                bound = float(labels.get("le", "+Inf"))
+                sample.buckets.setdefault(route, []).append((bound, s.value))
+                if s.exemplar is not None:
+                    sample.exemplars.append(
+                        (
+                            s.exemplar.value,
+                            s.exemplar.labels.get("trace_id", ""),
+                            float(s.exemplar.timestamp or 0.0),
+                            route,
+                        )
+                    )
+    for buckets in sample.buckets.values():
+        buckets.sort()
+
+
+def _namespace(families: list[Metric]) -> str | None:
+    """The namespace of the connection metrics collected (``websocket`` if there)."""
+    found = sorted(
+        f.name.removesuffix("_connections_active")
+        for f in families
+        if f.type == "gauge"
+        and f.name.endswith("_connections_active")
+        and not f.name.startswith("ws_monitoring_")
+    )
+    if not found:
+        return None
+    return "websocket" if "websocket" in found else found[0]
+
+
+def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of a histogram, estimated as PromQL's ``histogram_quantile``.
+
+    ``buckets``: (upper bound, cumulative count), +Inf last. Linear interpolation in the
+    bucket holding the rank (from 0 in the first); the last finite bound when the rank
+    falls in +Inf; None without observations.
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, cumulative in buckets:
+        if cumulative >= rank:
+            if math.isinf(upper):
+                return lower
+            if cumulative == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (cumulative - below)
+        lower, below = upper, cumulative
+    return lower  # pragma: no cover - the +Inf bucket holds every observation
+
+
+def _increase(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Per key, the increase of a counter; a key new since ``before`` (or reset) from 0."""
+    out: dict[str, float] = {}
+    for key, value in now.items():
+        previous = before.get(key, 0.0)
+        out[key] = value - previous if value >= previous else value
+    return out
+
+
+def _num(value: float) -> float | int:
+    """A count as an int in the JSON (counts are floats in prometheus_client)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _nums(table: dict[str, float]) -> dict[str, float | int]:
+    return {key: _num(value) for key, value in sorted(table.items())}
+
+
+class LivePage:
+    """The live page of one metrics server: its samples and its two documents.
+
+    Args:
+        registry: What the metrics server serves (the object a scrape collects).
+        multiprocess: Whether it is a multiprocess aggregate.
+    """
+
+    def __init__(self, registry: Collector, *, multiprocess: bool) -> None:
+        self._registry = registry
+        self.multiprocess = multiprocess
+        self._lock = threading.Lock()
+        self._samples: deque[_Sample] = deque(maxlen=HISTORY)
+        self._namespace: str | None = None
+        self._html: bytes | None = None
+
+    def html(self) -> bytes:
+        """The page: the package data file ``live.html``."""
+        if self._html is None:
+            self._html = resources.files(__package__).joinpath("live.html").read_bytes()
+        return self._html
+
+    def json(self) -> bytes:
+        """``/live.json``: :meth:`document` as UTF-8 JSON."""
+        return json.dumps(self.document(), separators=(",", ":"), allow_nan=False).encode()
+
+    def document(self) -> dict[str, Any]:
+        """A sample if the last is :data:`INTERVAL` old, then the page's data.
+
+        Keys: ``version`` (1), ``time`` (of the latest sample, unix), ``namespace``,
+        ``multiprocess``, ``interval_s``, ``metrics_path``; ``unavailable`` ({figure:
+        why} for what this mode or setup lacks: ``crashes``, ``slowest``, ``logging``);
+        ``totals`` (cumulative: ``connections`` open, ``opened``, ``closed``,
+        ``messages_in``/``_out``, ``bytes_in``/``_out``, and by label ``errors``,
+        ``close_codes``, ``handshake_failures``); ``routes`` ({route: those counts and
+        ``p50``/``p95``/``p99``, the handling time quantiles of the last interval in
+        seconds, or null}); ``history`` (oldest sample first: ``t`` unix times, ``dt``
+        seconds since the sample before; for each total and by label, the increase
+        since the sample before; ``connections`` open and ``latency`` quantiles for the
+        :data:`ROUTES_CHARTED` busiest routes; the first entry of every increase and
+        quantile is null); ``crashes`` (newest first: ``time``, ``route``,
+        ``error_type``, ``close_code``); ``sinks`` (ws_monitoring's own series by group:
+        ``tracing``, ``alerting``, ``logging``, ``metrics_server``, ``other``; each
+        ``metric``, ``labels``, ``value``); ``slowest`` (the slowest message with a trace
+        id among the exemplars of the last :data:`MAX_AGE` seconds: ``trace_id``,
+        ``seconds``, ``route``, ``time``; or null).
+        """
+        with self._lock:
+            now = time.monotonic()
+            samples = self._samples
+            if not samples or now - samples[-1].mono >= INTERVAL * 0.95:
+                sample = self._take(now)
+                self._derive(sample, samples[-1] if samples else None)
+                samples.append(sample)
+            # After a gap (nobody watched), only recent samples make a history.
+            while now - samples[0].mono > MAX_AGE:
+                samples.popleft()
+            return self._describe(list(samples))
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _take(self, mono: float) -> _Sample:
+        sample = _Sample(mono, time.time())
+        # The GC paused, as for a scrape (see server._without_gc).
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            families = list(self._registry.collect())
+        finally:
+            if was_enabled:
+                gc.enable()
+        namespace = self._namespace = _namespace(families) or self._namespace
+        _read(families, namespace or "websocket", sample)
+        registry = self._registry
+        if not self.multiprocess and isinstance(registry, CollectorRegistry):
+            sinks = [
+                s for s in MetricsSink.of_registry(registry) if s.config.namespace == namespace
+            ]
+            if sinks:
+                sample.crashes = sorted(c for sink in sinks for c in sink.recent_crashes())
+        return sample
+
+    @staticmethod
+    def _derive(sample: _Sample, previous: _Sample | None) -> None:
+        """What happened between ``previous`` and ``sample``: increases, quantiles."""
+        if previous is None:
+            return
+        for key in _TOTALS:
+            increase = _increase(getattr(sample, key), getattr(previous, key))
+            sample.increase[key] = sum(increase.values())
+        for key in _BY_LABEL:
+            sample.increase[key] = _increase(getattr(sample, key), getattr(previous, key))
+        for route, buckets in sample.buckets.items():
+            before = dict(previous.buckets.get(route, ()))
+            window = [(bound, count - before.get(bound, 0.0)) for bound, count in buckets]
+            if any(count < 0 for _, count in window):
+                window = buckets  # reset: a worker's files were removed
+            sample.latency[route] = {k: quantile(q, window) for k, q in QUANTILES.items()}
+
+    # -- the document ----------------------------------------------------------------------
+
+    def _describe(self, samples: list[_Sample]) -> dict[str, Any]:
+        last = samples[-1]
+        unavailable: dict[str, str] = {}
+        if self.multiprocess:
+            unavailable["crashes"] = "multiprocess mode: each worker keeps its own (see its logs)"
+            unavailable["slowest"] = "multiprocess mode: exemplars do not exist there"
+        else:
+            if last.crashes is None:
+                unavailable["crashes"] = "no ws_monitoring metrics sink counts into this registry"
+            if not (last.tracing or last.exemplars):
+                unavailable["slowest"] = "tracing is off"
+        if not any(name.startswith("ws_monitoring_log") for name, _ in last.own):
+            unavailable["logging"] = "no log metrics in this registry"
+
+        routes: dict[str, dict[str, Any]] = {}
+        for route in sorted(set(last.active) | set(last.opened) | set(last.buckets)):
+            entry: dict[str, Any] = {"connections": _num(last.active.get(route, 0.0))}
+            for key in _TOTALS:
+                entry[key] = _num(getattr(last, key).get(route, 0.0))
+            entry.update(last.latency.get(route, dict.fromkeys(QUANTILES)))
+            routes[route] = entry
+        totals: dict[str, Any] = {"connections": _num(sum(last.active.values()))}
+        for key in _TOTALS:
+            totals[key] = _num(sum(getattr(last, key).values()))
+        for key in _BY_LABEL:
+            totals[key] = _nums(getattr(last, key))
+        return {
+            "version": 1,
+            "time": last.unix,
+            "namespace": self._namespace,
+            "multiprocess": self.multiprocess,
+            "interval_s": INTERVAL,
+            "metrics_path": "/metrics",
+            "unavailable": unavailable,
+            "totals": totals,
+            "routes": routes,
+            "history": _history(samples, routes),
+            "crashes": [c._asdict() for c in reversed(last.crashes or [])],
+            "sinks": _sinks(last.own),
+            "slowest": _slowest(last, last.unix - MAX_AGE),
+        }
+
+
+def _history(samples: list[_Sample], routes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    n = len(samples)
+    # The first sample's increase (if any) is since a sample no longer shown.
+    shown = [None, *samples[1:]]
+    history: dict[str, Any] = {
+        "t": [s.unix for s in samples],
+        "dt": [None, *(b.mono - a.mono for a, b in pairwise(samples))],
+    }
+    for key in _TOTALS:
+        history[key] = [None if s is None else _num(s.increase[key]) for s in shown]
+    for key in _BY_LABEL:
+        labels = sorted({label for s in samples for label in getattr(s, key)})
+        history[key] = {
+            label: [None if s is None else _num(s.increase[key].get(label, 0.0)) for s in shown]
+            for label in labels
+        }
+    charted = sorted(
+        routes,
+        key=lambda r: (-routes[r]["connections"], -routes[r]["messages_in"], r),
+    )[:ROUTES_CHARTED]
+    history["connections"] = {
+        route: [_num(s.active.get(route, 0.0)) for s in samples] for route in sorted(charted)
+    }
+    latency: dict[str, dict[str, list[float | None]]] = {}
+    for route in sorted(charted):
+        series: dict[str, list[float | None]] = {key: [None] * n for key in QUANTILES}
+        for index, s in enumerate(shown):
+            values = None if s is None else s.latency.get(route)
+            if values is not None:
+                for key, value in values.items():
+                    series[key][index] = value
+        latency[route] = series
+    history["latency"] = latency
+    return history
+
+
+#: Groups of ws_monitoring's own series on the page, by name prefix.
+_SINK_GROUPS = (
+    ("tracing", ("ws_monitoring_spans_", "ws_monitoring_trace_")),
+    ("alerting", ("ws_monitoring_alert",)),
+    ("logging", ("ws_monitoring_log",)),
+    ("metrics_server", ("ws_monitoring_metrics_server_",)),
+)
+
+
+def _sinks(values: dict[tuple[str, _Labels], float]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (name, labels), value in sorted(values.items()):
+        group = next((g for g, prefixes in _SINK_GROUPS if name.startswith(prefixes)), "other")
+        out.setdefault(group, []).append(
+            {"metric": name, "labels": dict(labels), "value": _num(value)}
+        )
+    return out
+
+
+def _slowest(sample: _Sample, since: float) -> dict[str, Any] | None:
+    recent = [e for e in sample.exemplars if e[2] >= since]
+    if not recent:
+        return None
+    seconds, trace_id, ts, route = max(recent)
+    return {"trace_id": trace_id, "seconds": seconds, "route": route, "time": ts}
