@@ -263,4 +263,11 @@ SERVERS: dict[str, ServerSpec] = {
     "sync-defaults": ServerSpec(True, _no_async, _sync_ws_monitoring("defaults")),
 }
 
+# The crash-storm row brings its own servers (it imports this module only when one starts).
+from . import crash_storm  # noqa: E402
+
+SERVERS.update(
+    {name: ServerSpec(False, start, _no_sync) for name, start in crash_storm.SERVERS.items()}
+)
+
 logging.getLogger("websockets").setLevel(logging.WARNING)

@@ -960,7 +960,10 @@ class Monitor:
         shared shutdown deadline (:func:`shutdown_step`): a sink stuck on the network
         costs the others nothing."""
         with shutdown_step(timeout) as deadline:
-            run_until(deadline, [(type(sink).__name__, sink.shutdown) for sink in self.sinks])
+            run_until(
+                deadline,
+                [(f"{type(sink).__name__}.shutdown", sink.shutdown) for sink in self.sinks],
+            )
 
 
 SinkFactory = Callable[[Config], Sink | None]
@@ -1084,7 +1087,7 @@ def run_until(deadline: float, calls: Sequence[tuple[str, Callable[[float], obje
             try:
                 call(max(0.0, deadline - time.monotonic()))
             except Exception:
-                logger.exception("ws_monitoring: %s failed to shut down", name)
+                logger.exception("ws_monitoring sink %s failed", name)
 
         thread = threading.Thread(target=run, name=f"ws-monitoring-shutdown-{name}", daemon=True)
         try:

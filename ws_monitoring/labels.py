@@ -10,7 +10,7 @@ import re
 import threading
 from collections.abc import Callable
 
-from .config import Config
+from .config import ROUTE_PLACEHOLDER, Config
 
 __all__ = [
     "ERROR_TYPES",
@@ -65,7 +65,7 @@ def handshake_status_label(status: int | None, failure: str | None) -> str:
     return failure if failure in HANDSHAKE_FAILURES else "error"
 
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+_PLACEHOLDER = ROUTE_PLACEHOLDER  # Config checked the templates with it
 
 
 def _compile_template(template: str) -> re.Pattern[str]:

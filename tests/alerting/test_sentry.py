@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -699,9 +700,24 @@ async def test_a_crash_event_is_built_scrubbed_and_sent_off_the_connection_threa
     await run_and_crash(handler, alerter)
     (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
     assert event["exception"]["values"][-1]["type"] == "ValueError"
-    # The crash event and the sentinel; the crash's log records built no event at all.
-    assert len(pipeline) == 2
+    assert len(pipeline) == 2  # the crash event and the sentinel
     assert handler_threads[0] not in pipeline
+    # The crash's log records (websockets' and ours) were not built into events that
+    # a processor then drops: the SDK reports no such discarded event.
+    await asyncio.to_thread(alerter.flush, 5)
+    assert discarded(receiver).get(("event_processor", "error"), 0) == 0
+
+
+def discarded(receiver: SentryReceiver) -> dict[tuple[str, str], int]:
+    """Events the SDK reports as discarded (its client reports), by (reason, category)."""
+    counts: dict[tuple[str, str], int] = {}
+    for _, items in receiver.envelopes:
+        for header, payload in items:
+            if header.get("type") == "client_report":
+                for entry in json.loads(payload).get("discarded_events", []):
+                    key = (entry["reason"], entry["category"])
+                    counts[key] = counts.get(key, 0) + entry["quantity"]
+    return counts
 
 
 async def test_a_crash_storm_is_rate_limited_per_fingerprint(
@@ -822,3 +838,16 @@ def test_close_drops_and_counts_what_the_worker_did_not_start(
     alerter.fire("Late", severity="error", summary="late")
     samples = Samples(ws_monitoring_exposition(registry))
     assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 4
+
+
+def test_the_rate_limit_table_is_bounded() -> None:
+    from ws_monitoring.alerting.sentry import _RateLimit
+
+    limit = _RateLimit(1, 60.0, max_keys=2)
+    assert limit.allow(("/a", "E"), 0.0)
+    assert not limit.allow(("/a", "E"), 1.0)
+    assert limit.allow(("/b", "E"), 1.0)
+    assert limit.allow(("/c", "E"), 1.0)  # forgets /a, the least recently used
+    assert limit.allow(("/a", "E"), 1.0)
+    assert not limit.allow(("/c", "E"), 1.0)
+    assert limit.allow(("/a", "E"), 61.0)  # refilled: one token per 60 s

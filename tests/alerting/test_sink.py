@@ -154,6 +154,22 @@ async def test_crash_alert_resolves_after_the_quiet_period(registry: CollectorRe
         assert peer.alerts()[2]["annotations"]["count"] == "1"
 
 
+def test_alerters_flush_side_by_side_at_shutdown() -> None:
+    class Stuck(Recorder):
+        """An alerter whose delivery hangs: its flush takes all the time it is given."""
+
+        def flush(self, timeout: float = 5.0) -> bool:
+            super().flush(timeout)
+            threading.Event().wait(timeout)
+            return False
+
+    stuck, quick = Stuck(), Recorder()
+    AlertingSink([stuck, quick]).shutdown(0.3)
+    # The one after the stuck alerter had the whole deadline too, not what was left.
+    assert 0.2 < stuck.flushed[0] <= 0.3
+    assert 0.2 < quick.flushed[0] <= 0.3
+
+
 class ThreadsPrivacy(Privacy):
     """The real privacy layer, noting the threads that scrub."""
 

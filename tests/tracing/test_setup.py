@@ -1231,16 +1231,17 @@ logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
 import asyncio, ws_monitoring
 from ws_monitoring.config import Config
 from ws_monitoring.tracing.setup import build_sink, setup_tracing, tracer
-assert build_sink(Config.from_options()) is None
-assert build_sink(Config.from_options()) is None
+assert build_sink(Config()) is None  # tracing not asked for: no warning
+assert build_sink(Config(tracing=True)) is None
+assert build_sink(Config(tracing=True)) is None
 with tracer.start_as_current_span("work") as span:
     span.set_attribute("k", 1)
     assert span.is_recording() is False
 tracer.start_span("other").end()
 try:
     setup_tracing()
-except ImportError:
-    print("setup: ImportError")
+except ImportError as exc:
+    print("setup:", exc)
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -1248,11 +1249,14 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["setup: ImportError", "ok"]
+    assert result.stdout.splitlines() == [
+        "setup: setup_tracing() needs OpenTelemetry's SDK: pip install 'ws-monitoring[tracing]'",
+        "ok",
+    ]
     warnings = [
         line for line in result.stderr.splitlines() if "OpenTelemetry is not installed" in line
     ]
-    assert len(warnings) == 1  # once per process
+    assert len(warnings) == 1  # once per process, and only when tracing was asked for
 
 
 # -- more edges: shared registries, unknown clients, odd headers, broken propagators -------

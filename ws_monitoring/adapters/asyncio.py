@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ from ws_monitoring.core import (
 from ws_monitoring.typing import Data
 
 __all__ = ["instrument_async", "serve"]
+
+logger = logging.getLogger("ws_monitoring")
 
 AsyncHandler = Callable[[ServerConnection], Awaitable[None]]
 HTTPHook = Callable[..., Awaitable[Response | None] | Response | None]
@@ -111,6 +114,11 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
 
     @functools.wraps(handler)
     async def instrumented(connection: ServerConnection) -> None:
+        if not isinstance(connection, ServerConnection):
+            # websockets.legacy.server.serve, say: told once, never in the app's way.
+            _unsupported(connection)
+            await handler(connection)
+            return
         # No local variable for the handshake: this frame lives as long as the connection.
         record = monitor.open(connection, handshake=getattr(connection, HANDSHAKE_ATTR, None))
         setattr(connection, RECORD_ATTR, record)
@@ -202,6 +210,31 @@ def _time_recv(connection: Any, record: ConnectionRecord) -> None:
         else:
             return
     _RecvHooks.install(connection, record)
+
+
+#: Connection classes already reported by :func:`_unsupported`.
+_UNSUPPORTED: set[type] = set()
+
+
+def _unsupported(connection: object) -> None:
+    """Say once per class that connections not made by ``websockets.asyncio`` go unmonitored."""
+    cls = type(connection)
+    if cls in _UNSUPPORTED:
+        return
+    _UNSUPPORTED.add(cls)
+    legacy = any(c.__module__.startswith("websockets.legacy") for c in cls.__mro__)
+    logger.error(
+        "ws_monitoring.instrument(): %s.%s is not a websockets.asyncio.server.ServerConnection; "
+        "connections of this server run unmonitored. %s",
+        cls.__module__,
+        cls.__qualname__,
+        "websockets.legacy.server.serve is not supported (websockets deprecated it): "
+        "migrate to websockets.asyncio.server.serve "
+        "(https://websockets.readthedocs.io/en/stable/howto/upgrade.html) or use "
+        "ws_monitoring.serve()"
+        if legacy
+        else "Serve it with websockets.asyncio.server.serve or ws_monitoring.serve()",
+    )
 
 
 def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:

@@ -38,7 +38,13 @@ Built-in alerts, when used as a server's alerter (``serve(..., alerters=[...])``
 ``exception_types``; resolves after ``crash_quiet_period`` seconds without a crash)
 and ``WebSocketErrorStorm`` (``warning``; fires while connections end with an error,
 or handshakes fail, faster than ``error_rate_threshold`` per second averaged over
-``error_rate_window`` seconds; resolves a window after the rate fell back).
+``error_rate_window`` seconds; resolves a window after the rate fell back). The sink
+events only update counters on the event loop (a crash storm costs it a few operations
+per crash); the scheduler thread builds, scrubs and fires these alerts, and
+:meth:`PrometheusAlerter.flush` fires what is due first.
+
+At exit, open alerters deliver their queues within what is left of the shared shutdown
+deadline (:data:`ws_monitoring.core.SHUTDOWN_TIMEOUT`), side by side with the other sinks.
 
 Labels and annotations go through the privacy layer (:meth:`Privacy.scrub`); the
 static labels (``service``, ``instance``, ``environment`` and ``labels=``) are the

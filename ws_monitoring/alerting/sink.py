@@ -24,10 +24,12 @@ What is critical out of the box:
   ``alerter.resolve(name)``.
 
 Normal closures, ``ConnectionClosedOK``, ``CancelledError`` and client resets are not
-alerts: they are metrics. Every alerter does its network I/O on a background worker
-with a bounded queue; its self-metrics are ``ws_monitoring_alerts_total{sink, outcome}``
+alerts: they are metrics. Every alerter builds, scrubs and sends on background threads
+with bounded queues (:class:`Worker` for Sentry): on the event loop a crash only costs
+a few reads. Its self-metrics are ``ws_monitoring_alerts_total{sink, outcome}``
 (``sent``, ``failed``, ``retried``, ``dropped``) and
-``ws_monitoring_alert_queue_depth{sink}``.
+``ws_monitoring_alert_queue_depth{sink}``. When a server closes, its alerters flush
+side by side, within the shared shutdown deadline.
 
 :class:`SentryAlerter` needs the ``[sentry]`` extra and :class:`PrometheusAlerter` the
 ``[alertmanager]`` extra; both are imported lazily from this module.
@@ -318,7 +320,10 @@ class AlertingSink:
         running: an alerter may serve several servers; :meth:`Alerter.close` stops it).
         A Sentry that hangs does not keep Alertmanager from getting its alerts."""
         deadline = time.monotonic() + timeout
-        run_until(deadline, [(type(alerter).__name__, alerter.flush) for alerter in self.alerters])
+        run_until(
+            deadline,
+            [(f"{type(alerter).__name__}.flush", alerter.flush) for alerter in self.alerters],
+        )
 
 
 class AlertingMessageSink(AlertingSink):

@@ -554,8 +554,13 @@ def start_metrics_server(
 
     Raises:
         MetricsServerError: the address cannot be bound (the message names the port).
-        ValueError: inconsistent auth or TLS options.
+        TypeError: a port that is not an int.
+        ValueError: a port outside 0-65535, inconsistent auth or TLS options.
     """
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port: expected an int, got {port!r} ({type(port).__name__})")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
     auth = _resolve_auth(username, password, bearer_token)
     if (certfile is None) != (keyfile is None) and certfile is None:
         raise ValueError("keyfile given without certfile")

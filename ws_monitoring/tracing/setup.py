@@ -181,15 +181,15 @@ def build_sink(config: Config) -> Sink | None:
 
     ``None`` (the core then has no message sink for tracing) when ``config.tracing`` is
     false, ``OTEL_SDK_DISABLED=true``, or the OpenTelemetry SDK is not installed (then
-    with one warning per process).
+    with one warning per process if tracing was asked for: ``tracing=True``).
     """
     global _warned_missing
-    if not config.tracing or _sdk_disabled():
+    if config.tracing is False or _sdk_disabled():
         return None
     try:
         from .sink import TracingSink
     except ImportError as exc:  # pragma: no cover - tested in a subprocess without it
-        if not _warned_missing:
+        if config.tracing and not _warned_missing:
             _warned_missing = True
             logger.warning(
                 "tracing is on but OpenTelemetry is not installed (%s): no spans; install "
@@ -314,10 +314,15 @@ def setup_tracing(
         ValueError: an unknown protocol or compression, a ratio outside [0, 1], an
             invalid endpoint or ``OTEL_BSP_*`` value.
     """
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    from opentelemetry.util.re import parse_env_headers
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.util.re import parse_env_headers
+    except ImportError as exc:
+        raise ImportError(
+            "setup_tracing() needs OpenTelemetry's SDK: pip install 'ws-monitoring[tracing]'"
+        ) from exc
 
     from . import export as otlp_export
     from .sink import SCOPE, MonitoringTracerProvider
