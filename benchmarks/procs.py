@@ -12,8 +12,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from .variants import SERVERS
-
 __all__ = ["Receiver", "ServerProcess", "cpu_plan", "raise_fd_limit"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,6 +155,9 @@ class ServerProcess(_Child):
             args += ["--otlp", otlp]
         if alerts:
             args += ["--alerts", alerts]
+        # Here, not at import: variants imports the crash-storm module, which imports this.
+        from .variants import SERVERS
+
         super().__init__(args, cpus, f"server {variant}", SERVERS[variant].env)
         self.variant = variant
 
