@@ -9,7 +9,7 @@ import resource
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["Receiver", "ServerProcess", "cpu_plan", "raise_fd_limit"]
@@ -58,6 +58,7 @@ class _Child:
         cpus: set[int] | None,
         name: str,
         extra_env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
         env = {**os.environ, **(extra_env or {})}
@@ -65,7 +66,7 @@ class _Child:
         # Coverage or other interpreter-wide hooks would skew the server's CPU time.
         env.pop("COVERAGE_PROCESS_START", None)
         self.proc = subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -149,7 +150,9 @@ class ServerProcess(_Child):
         otlp: str | None,
         alerts: str | None,
         log_file: str,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix``: a command the server runs under (e.g. valgrind's)."""
         args = ["-m", "benchmarks.server", variant, "--log-file", log_file]
         if otlp:
             args += ["--otlp", otlp]
@@ -158,7 +161,7 @@ class ServerProcess(_Child):
         # Here, not at import: variants imports the crash-storm module, which imports this.
         from .variants import SERVERS
 
-        super().__init__(args, cpus, f"server {variant}", SERVERS[variant].env)
+        super().__init__(args, cpus, f"server {variant}", SERVERS[variant].env, prefix)
         self.variant = variant
 
     @property

@@ -88,6 +88,11 @@ def budgets(results: dict[str, Any]) -> list[Budget]:
         if limit is not None and variant in main:
             ratio = (main[variant].get("ratio") or {}).get("median")
             rows.append(Budget("CPU per message", label, ratio, limit, "x"))
+    counted = (results.get("instructions") or {}).get("variants") or {}
+    for variant, label, floor, limit in VARIANTS:
+        if limit is not None and floor == "bare" and variant in counted:
+            value = counted[variant]["ratio"]
+            rows.append(Budget("instructions", label, value, limit, "x"))
     memory = results.get("memory") or {}
     bare = memory.get("bare")
     for variant, limit in MEMORY_BUDGETS.items():
@@ -277,6 +282,16 @@ def table(results: dict[str, Any]) -> str:
         alerts = results.get("exports", {}).get("alerts")
         if alerts is not None:
             add(f"  alerts delivered to the local Alertmanager stand-in: {alerts}")
+    counted = results.get("instructions")
+    if counted:
+        add("")
+        add(f"Instructions per echoed message under callgrind ({counted['shape']}; load-proof):")
+        for variant, row in counted["variants"].items():
+            ratio = row["ratio"]
+            add(
+                f"  {LABELS.get(variant, variant):34} {row['ir_per_msg']:9.0f} Ir/msg  "
+                f"{_fmt(ratio, '.4f', 'x')}"
+            )
     breakdown = results.get("breakdown")
     if breakdown:
         add("")
