@@ -11,6 +11,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from .asgi import VARIANTS as ASGI_VARIANTS
+
 __all__ = ["VARIANTS", "Budget", "add_budget", "budgets", "chart", "machine", "table", "write_json"]
 
 #: (variant, label, floor variant, budget ratio or None), in report order.
@@ -28,6 +30,7 @@ VARIANTS: tuple[tuple[str, str, str, float | None], ...] = (
     ("sync-bare", "8. threading: bare (floor)", "sync-bare", None),
     ("sync-metrics", "8. threading: metrics only", "sync-bare", None),
     ("sync-defaults", "8. threading: defaults", "sync-bare", None),
+    *ASGI_VARIANTS,
 )
 LABELS = {v: label for v, label, _, _ in VARIANTS}
 
@@ -167,6 +170,8 @@ def machine() -> dict[str, Any]:
                 "prometheus_client",
                 "opentelemetry-sdk",
                 "python-json-logger",
+                "uvicorn",
+                "fastapi",
                 "ws-monitoring",
             )
         },

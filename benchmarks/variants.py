@@ -270,4 +270,9 @@ SERVERS.update(
     {name: ServerSpec(False, start, _no_sync) for name, start in crash_storm.SERVERS.items()}
 )
 
+# uvicorn + FastAPI, bare and with the ASGI middleware (built on the names above).
+from . import asgi as _asgi  # noqa: E402
+
+SERVERS.update(_asgi.servers())
+
 logging.getLogger("websockets").setLevel(logging.WARNING)

@@ -45,6 +45,8 @@ class Option(NamedTuple):
     bad_value: Any
     #: What ``name=""`` raises.
     empty: type[Exception]
+    #: Other options the good value needs (``tenants`` needs ``tenant``).
+    extra: dict[str, Any] = {}  # noqa: RUF012 - read only
 
 
 OPTIONS = [
@@ -75,6 +77,12 @@ OPTIONS = [
     Option("pseudonym_key", b"k" * 32, b"k" * 32, "k" * 32, b"", TypeError),
     Option("consent_resolver", route_of, route_of, 1, NONE_OF_THAT_TYPE, TypeError),
     Option("user_id_resolver", route_of, route_of, "user", NONE_OF_THAT_TYPE, TypeError),
+    Option("route_from_path", True, True, "yes", NONE_OF_THAT_TYPE, TypeError),
+    Option("exception_messages", "drop", "drop", 1, "hide", ValueError),
+    Option("tenant", route_of, route_of, "host", NONE_OF_THAT_TYPE, TypeError),
+    Option("tenants", ["a", "b"], frozenset({"a", "b"}), 5, ["__other__"], ValueError,
+           {"tenant": route_of}),
+    Option("max_tenants", 5, 5, 5.0, 0, TypeError),
     Option("alerters", [ALERTER], (ALERTER,), [object()], "alerter", ValueError),
     Option("sinks", [SINK], (SINK,), [object()], "sink", ValueError),
 ]  # fmt: skip
@@ -133,8 +141,8 @@ def test_the_tables_cover_every_option_and_variable() -> None:
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
 def test_option_good_value(option: Option) -> None:
     for config in (
-        Config(**{option.name: option.good}),
-        Config.from_options(**{option.name: option.good}),
+        Config(**option.extra, **{option.name: option.good}),
+        Config.from_options(**option.extra, **{option.name: option.good}),
     ):
         assert getattr(config, option.name) == option.held
 
@@ -142,7 +150,7 @@ def test_option_good_value(option: Option) -> None:
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
 def test_option_bad_type(option: Option) -> None:
     with pytest.raises(TypeError, match=f"^{option.name}: "):
-        Config(**{option.name: option.bad_type})
+        Config(**option.extra, **{option.name: option.bad_type})
 
 
 @pytest.mark.parametrize(
@@ -150,13 +158,13 @@ def test_option_bad_type(option: Option) -> None:
 )
 def test_option_bad_value(option: Option) -> None:
     with pytest.raises(ValueError, match=f"^{option.name}\\b"):
-        Config(**{option.name: option.bad_value})
+        Config(**option.extra, **{option.name: option.bad_value})
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
 def test_option_empty_string(option: Option) -> None:
     with pytest.raises(option.empty, match=f"^{option.name}\\b"):
-        Config(**{option.name: ""})
+        Config(**option.extra, **{option.name: ""})
 
 
 @pytest.mark.parametrize("variable", VARIABLES, ids=lambda v: v.name)

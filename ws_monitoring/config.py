@@ -39,9 +39,9 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from numbers import Real
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .typing import Alerter, Sink
 
@@ -56,6 +56,8 @@ __all__ = ["Config", "unknown_option"]
 T = TypeVar("T")
 
 RouteGrouping = Sequence[str] | Callable[[str], str | None]
+#: What exception messages become in every sink (see ``Privacy.exception_text``).
+ExceptionMessages = Literal["scrub", "keep", "drop"]
 
 DEFAULT_SIZE_BUCKETS = (64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0)
 DEFAULT_DURATION_BUCKETS = (
@@ -230,6 +232,29 @@ def _registry(name: str, value: object) -> Any:
     return value
 
 
+def _exception_messages(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _type_error(name, "'scrub', 'keep' or 'drop'", value)
+    if value not in EXCEPTION_MESSAGES:
+        raise ValueError(f"{name} must be one of 'scrub', 'keep', 'drop', got {value!r}")
+    return value
+
+
+def _tenants(name: str, value: object) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        raise ValueError(f"{name}: pass a collection of tenant names, not a single string")
+    if not isinstance(value, Collection):
+        raise _type_error(name, "a collection of tenant names", value)
+    for tenant in value:
+        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+            raise ValueError(
+                f"{name}: {tenant!r} must be 1 to 64 printable characters, not a reserved __name__"
+            )
+    return frozenset(value)
+
+
 def _of_protocol(protocol: type, what: str, needs: str) -> Callable[[str, object], tuple[Any, ...]]:
     def check(name: str, value: object) -> tuple[Any, ...]:
         items = _items(name, value, name)
@@ -268,6 +293,11 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "pseudonym_key": _key,
     "consent_resolver": _callable,
     "user_id_resolver": _callable,
+    "route_from_path": _bool,
+    "exception_messages": _exception_messages,
+    "tenant": _callable,
+    "tenants": _tenants,
+    "max_tenants": lambda name, value: _int(name, value, 1),
     "alerters": _of_protocol(Alerter, "an alerter", "fire, resolve, flush and close"),
     "sinks": _of_protocol(
         Sink,
@@ -449,6 +479,21 @@ class Config:
     #: Extracts a user id from the opening handshake request (pseudonymized unless consented).
     user_id_resolver: Callable[[Request], str | None] | None = None
 
+    # -- privacy of routes, tenants and exception messages (README: privacy table) -----
+    #: Use the raw path (query dropped) as the route when ``routes`` is None. UNSAFE: any
+    #: identifier in a path (ids, emails, tokens) becomes a label, a span name, a log field.
+    route_from_path: bool = False
+    #: Exception messages in logs, spans, Sentry and alerts: ``"scrub"`` (identifiers
+    #: masked), ``"keep"`` (as raised, unsafe) or ``"drop"`` (type and frames only).
+    exception_messages: ExceptionMessages = "scrub"
+    #: Tenant of a connection, from its opening handshake request (``None``: unknown).
+    tenant: Callable[[Request], str | None] | None = None
+    #: The tenants with their own ``tenant`` label value; others are ``__other__``.
+    #: ``None``: the first ``max_tenants`` seen (see ``labels.LabelTable``).
+    tenants: Collection[str] | None = None
+    #: Distinct ``tenant`` values per server without an allow-list.
+    max_tenants: int = 20
+
     # -- alerting ---------------------------------------------------------------------
     #: Alerters (``SentryAlerter``, ``PrometheusAlerter``) that receive critical failures.
     alerters: Sequence[Alerter] = ()
@@ -475,7 +520,19 @@ class Config:
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(name, getattr(self, name)))
+        self._check_privacy_options()
 
+    def _check_privacy_options(self) -> None:
+        """Rules between options (each option's own type and value are checked above)."""
+        if self.route_from_path and self.routes is not None:
+            raise ValueError("route_from_path=True and routes= exclude each other")
+        if self.tenants is not None and self.tenant is None:
+            raise ValueError("tenants= needs tenant= (the function that finds the tenant)")
+
+
+#: Values of ``exception_messages``.
+EXCEPTION_MESSAGES = ("scrub", "keep", "drop")
+_TENANT = re.compile(r"(?!__)[^\x00-\x1f\x7f-\x9f]{1,64}")
 
 #: Every option of :class:`Config`, in declaration order.
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))

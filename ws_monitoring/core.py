@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -34,7 +34,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .config import Config
-from .labels import RouteMapper
+from .labels import RouteMapper, TenantMapper
 from .privacy import Client, Privacy
 from .typing import NOT_SAMPLED, Data, MessageSink, Sink
 
@@ -355,6 +355,7 @@ class ConnectionRecord(_CountsBase):
         "request",
         "route",
         "subprotocol",
+        "tenant",
     )
 
     def __init__(self, monitor: Monitor) -> None:
@@ -365,6 +366,8 @@ class ConnectionRecord(_CountsBase):
         self.connection: Any = None
         self.path = ""
         self.route = ""
+        #: The bounded ``tenant`` label ("" without ``config.tenant``; see TenantMapper).
+        self.tenant = ""
         self.request: Request | None = None
         self.remote_address: Any = None
         self.subprotocol: str | None = None
@@ -781,6 +784,8 @@ class Monitor:
         self.config = config
         self.routes = RouteMapper(config)
         self.privacy = privacy if privacy is not None else Privacy(config)
+        #: The tenant label of a request, with ``config.tenant``; else None.
+        self.tenants = TenantMapper(config, self.privacy) if config.tenant is not None else None
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.message_sinks: tuple[MessageSink, ...] = tuple(
             s for s in sinks if isinstance(s, MessageSink)
@@ -854,8 +859,14 @@ class Monitor:
         failure: str | None = None,
         health_check: bool = False,
         remote_address: Any = None,
+        route: str | None = None,
     ) -> None:
-        """The handshake ended; ``failure`` names why when no response was sent."""
+        """The handshake ended; ``failure`` names why when no response was sent.
+
+        ``route``: the route template the application's framework matched (see
+        :mod:`ws_monitoring.adapters.asgi`), used instead of grouping the request path;
+        ``max_routes`` still applies.
+        """
         handshake.duration = _now() - handshake.started_at
         handshake.remote_address = remote_address
         handshake.request = request
@@ -866,7 +877,10 @@ class Monitor:
             handshake.path = request.path.split("?", 1)[0]
             # Rejected requests for arbitrary paths must not fill the bounded route table.
             route_of = self.routes if accepted else self.routes.peek
-            handshake.route = route_of(request.path)
+            if route is None:
+                handshake.route = route_of(request.path)
+            else:
+                handshake.route = route_of(route, grouped=True)
         if accepted:
             handshake.outcome = "accepted"
             handshake.status = 101
@@ -905,6 +919,8 @@ class Monitor:
         record.connection = connection
         record.path = raw_path.split("?", 1)[0]
         record.route = handshake.route if handshake and handshake.route else self.routes(raw_path)
+        if self.tenants is not None:
+            record.tenant = self.tenants(request)
         record.request = request
         try:
             record.remote_address = connection.remote_address
@@ -970,8 +986,18 @@ SinkFactory = Callable[[Config], Sink | None]
 
 
 def record_of(connection: Any) -> ConnectionRecord | None:
-    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet)."""
-    return getattr(connection, RECORD_ATTR, None)
+    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet).
+
+    An ASGI connection (:mod:`ws_monitoring.adapters.asgi`) is found through its scope, or
+    an object holding it as ``scope`` (Starlette's and Quart's ``WebSocket``): the scope
+    keeps the adapter's connection under the same name.
+    """
+    record = getattr(connection, RECORD_ATTR, None)
+    if record is None:
+        scope = getattr(connection, "scope", connection)
+        if isinstance(scope, Mapping):
+            record = getattr(scope.get(RECORD_ATTR), RECORD_ATTR, None)
+    return record
 
 
 def monitor_of(target: Any) -> Monitor | None:

@@ -235,14 +235,15 @@ async def test_the_last_20_crashes_newest_first(
     options = {"registry": registry, "tracing": False, "log_lifecycle": False}
     async with async_server(app, monitoring=options) as srv:
         for n in range(25):
-            async with connect(srv.url(f"/crash/{n}")) as client:
+            # A letter per route: the default grouping keeps words (a number is {id}).
+            async with connect(srv.url(f"/crash/{chr(97 + n)}")) as client:
                 await client.send("boom")
                 with pytest.raises(ConnectionClosed):
                     await client.recv()
         await asyncio.to_thread(wait_until, lambda: quiet(metrics_server, 0, 25, 25))
         doc = await asyncio.to_thread(live_json, metrics_server)
     routes = [crash["route"] for crash in doc["crashes"]]
-    assert routes == [f"/crash/{n}" for n in reversed(range(5, 25))]
+    assert routes == [f"/crash/{chr(97 + n)}" for n in reversed(range(5, 25))]
     assert [crash["time"] for crash in doc["crashes"]] == sorted(
         (crash["time"] for crash in doc["crashes"]), reverse=True
     )
@@ -428,3 +429,35 @@ def test_a_broken_collector_gives_500(registry: CollectorRegistry) -> None:
         assert "collector bug" in body
         # The page itself still loads (and will say so), and the server survives.
         assert fetch(server.live_url)[0] == 200
+
+
+async def test_routes_sum_their_tenants(
+    registry: CollectorRegistry, metrics_server: MetricsServer
+) -> None:
+    options = {
+        "registry": registry,
+        "tracing": False,
+        "tenant": lambda request: request.headers.get("X-Tenant"),
+        "tenants": ["acme", "globex"],
+    }
+    await asyncio.to_thread(live_json, metrics_server)  # the first sample: before the traffic
+    async with async_server(app, monitoring=options) as srv:
+        for tenant in ("acme", "globex", "acme"):
+            async with connect(srv.url("/echo"), additional_headers={"X-Tenant": tenant}) as c:
+                await c.send("hi")
+                await c.recv()
+        samples = await asyncio.to_thread(wait_until, lambda: quiet(metrics_server, 0, 3, 3))
+        doc = await asyncio.to_thread(next_sample, metrics_server, 2)
+    assert {s["tenant"] for s in samples.series("websocket_connections_total")} == {
+        "acme",
+        "globex",
+    }
+    entry = doc["routes"]["/echo"]
+    assert (entry["opened"], entry["closed"], entry["messages_in"]) == (3, 3, 3)
+    # The quantiles of the route's histogram summed over its tenants, bucket by bucket.
+    duration = "websocket_message_duration_seconds_bucket"
+    merged = Samples("")
+    for series in samples.series(duration):
+        key = (duration, frozenset({"route": "/echo", "le": series["le"]}.items()))
+        merged.values[key] = merged.values.get(key, 0.0) + samples[duration, series]
+    assert entry["p50"] == histogram_quantile(0.5, merged, duration, route="/echo")

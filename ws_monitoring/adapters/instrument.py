@@ -16,7 +16,8 @@ import functools
 import importlib
 import inspect
 import socket
-from collections.abc import Callable, Mapping, Sequence
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import websockets.asyncio.server
@@ -24,7 +25,13 @@ import websockets.sync.server
 from websockets.asyncio.server import Server as AsyncServer
 from websockets.sync.server import Server as SyncServer
 
-from ws_monitoring.config import OPTION_NAMES, Config, RouteGrouping, unknown_option
+from ws_monitoring.config import (
+    OPTION_NAMES,
+    Config,
+    ExceptionMessages,
+    RouteGrouping,
+    unknown_option,
+)
 from ws_monitoring.core import Monitor
 from ws_monitoring.typing import Alerter, Sink
 
@@ -141,6 +148,11 @@ def instrument(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
 ) -> H: ...
@@ -177,6 +189,11 @@ def instrument(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
 ) -> Callable[[H], H]: ...
@@ -210,12 +227,79 @@ def instrument(handler: Any = None, /, *, config: Config | None = None, **option
             raise TypeError(f"{func!r} is already instrumented")
         if not callable(func):
             raise TypeError(f"expected a connection handler, got {func!r}")
+        foreign = _foreign_handler(func)
+        if foreign is not None:
+            raise TypeError(foreign)
         monitor = build_monitor(built)
         if _is_async(func):
             return asyncio_server.instrument_async(func, monitor)  # type: ignore[return-value]
         return sync_server.instrument_sync(func, monitor)  # type: ignore[return-value]
 
     return decorate if handler is None else decorate(handler)
+
+
+#: Frameworks whose handlers and applications instrument() cannot wrap: what to use instead.
+_MIDDLEWARE = (
+    "wrap the application in ws_monitoring.asgi.MonitoringMiddleware instead "
+    "(app.add_middleware(MonitoringMiddleware, ...) in FastAPI and Starlette)"
+)
+_INSTEAD = {
+    "fastapi": _MIDDLEWARE,
+    "starlette": _MIDDLEWARE,
+    "quart": _MIDDLEWARE,
+    "aiohttp": (
+        "aiohttp servers are not supported: serve WebSockets with ws_monitoring.serve() "
+        "(websockets.asyncio.server), or with an ASGI framework and "
+        "ws_monitoring.asgi.MonitoringMiddleware"
+    ),
+}
+
+
+def _framework(obj: Any) -> str | None:
+    """The framework of ``obj`` (a class, or an instance's class) among ``_INSTEAD``."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    for klass in getattr(cls, "__mro__", (cls,)):
+        top = getattr(klass, "__module__", "").partition(".")[0]
+        if top in _INSTEAD:
+            return top
+    return None
+
+
+def _foreign_handler(func: Any) -> str | None:
+    """Why ``func`` is no websockets handler: a framework's endpoint or an ASGI application.
+
+    An endpoint is known by the annotations of its parameters (FastAPI needs them to
+    inject the ``WebSocket``); a handler written without them is caught at its first
+    connection by the adapter.
+    """
+    framework = _framework(func) if not inspect.isroutine(func) else None
+    if framework is not None:
+        return (
+            "instrument() wraps websockets connection handlers, not "
+            f"{framework} applications: {_INSTEAD[framework]}"
+        )
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable annotations: nothing to tell from them
+        hints = {}
+    for name, hint in hints.items():
+        framework = _framework(hint) if name != "return" and isinstance(hint, type) else None
+        if framework is not None:
+            return (
+                f"instrument() wraps websockets connection handlers; {func!r} is a {framework} "
+                f"endpoint (its {name!r} is a {hint.__module__}.{hint.__qualname__}): "
+                f"{_INSTEAD[framework]}"
+            )
+    try:
+        params = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    if params[:3] == ["scope", "receive", "send"]:
+        return (
+            f"instrument() wraps websockets connection handlers; {func!r} is an ASGI "
+            f"application: {_MIDDLEWARE}"
+        )
+    return None
 
 
 @functools.cache
@@ -297,6 +381,11 @@ def serve(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
     **kwargs: Any,
@@ -348,6 +437,11 @@ def serve_sync(
     pseudonym_key: bytes | None = DEFAULT,
     consent_resolver: Callable[[Request], Any] | None = DEFAULT,
     user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+    route_from_path: bool = DEFAULT,
+    exception_messages: ExceptionMessages = DEFAULT,
+    tenant: Callable[[Request], str | None] | None = DEFAULT,
+    tenants: Collection[str] | None = DEFAULT,
+    max_tenants: int = DEFAULT,
     alerters: Sequence[Alerter] = DEFAULT,
     sinks: Sequence[Sink] = DEFAULT,
     **kwargs: Any,

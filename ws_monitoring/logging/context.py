@@ -7,6 +7,9 @@ privacy-safe fields (:data:`CONNECTION_FIELDS`):
     websockets' connection id (a UUID string).
 ``route``
     The route template the path matched (``/rooms/{room}``), never the raw path.
+``tenant``
+    The bounded ``tenant`` label of the connection (with ``tenant=``): the metrics'
+    value, never the raw name; absent without ``tenant=``.
 ``client_ip``
     The client's IP, truncated (or an HMAC pseudonym) unless the client consented to
     ``"ip"``; absent when unknown.
@@ -62,7 +65,9 @@ __all__ = [
 ]
 
 #: The fields the filter and the processor add (see the module docstring).
-CONNECTION_FIELDS = ("connection_id", "route", "client_ip", "user_id", "trace_id", "span_id")
+CONNECTION_FIELDS = (
+    "connection_id", "route", "tenant", "client_ip", "user_id", "trace_id", "span_id",
+)  # fmt: skip
 
 #: Fields of ws-monitoring's own records besides :data:`CONNECTION_FIELDS`.
 EVENT_FIELDS = (
@@ -96,6 +101,8 @@ _CONNECTION_GROUP = ("connection_id", "route")
 def connection_fields(connection: ConnectionRecord) -> dict[str, Any]:
     """The privacy-safe fields of ``connection``: id, route, and the client's view."""
     fields: dict[str, Any] = {"connection_id": connection.id, "route": connection.route}
+    if connection.tenant:
+        fields["tenant"] = connection.tenant
     client = connection.client
     if client.ip is not None:
         fields["client_ip"] = client.ip

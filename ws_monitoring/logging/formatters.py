@@ -53,6 +53,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
 _ECS_CONTEXT = {
     "connection_id": "websocket.connection_id",
     "route": "websocket.route",
+    "tenant": "websocket.tenant",
     "user_id": "user.id",
     "trace_id": "trace.id",
     "span_id": "span.id",
@@ -141,13 +142,17 @@ class _Fields:
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             fields["error_type"] = type(exc).__name__
-            fields["error_message"] = self.clean(_safe_str(exc), privacy)
-        if stack is None and record.exc_info:
-            stack = logging.Formatter().formatException(record.exc_info)
-        if stack is None and record.exc_text:
-            stack = record.exc_text
-        if stack:
-            fields["stack_trace"] = self.clean(stack, privacy)
+            # The privacy layer's one rule for exception messages, in every sink.
+            if (text := privacy.exception_message(exc)) is not None:
+                fields["error_message"] = self.bound(text)
+            fields["stack_trace"] = self.bound(privacy.format_exception(exc))
+        else:
+            if stack is None and record.exc_info:
+                stack = logging.Formatter().formatException(record.exc_info)
+            if stack is None and record.exc_text:
+                stack = record.exc_text
+            if stack:
+                fields["stack_trace"] = self.clean(stack, privacy)
         # The lifecycle sink's fields are built from privacy-safe sources: no scrubbing.
         event: dict[str, Any] = {}
         reserved = _RESERVED

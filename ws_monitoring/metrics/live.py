@@ -162,8 +162,12 @@ def _read(families: Iterable[Metric], namespace: str, sample: _Sample) -> None:
                             route,
                         )
                     )
-    for buckets in sample.buckets.values():
-        buckets.sort()
+    for route, buckets in sample.buckets.items():
+        # One series per tenant when there is a tenant label: summed by bound.
+        merged: dict[float, float] = {}
+        for bound, count in buckets:
+            merged[bound] = merged.get(bound, 0.0) + count
+        sample.buckets[route] = sorted(merged.items())
 
 
 def _namespace(families: list[Metric]) -> str | None:

@@ -69,7 +69,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from websockets.datastructures import Headers
 
 from ws_monitoring.config import Config
-from ws_monitoring.privacy import PURPOSE_PAYLOAD, Privacy
+from ws_monitoring.privacy import Privacy
+from ws_monitoring.privacy import exception_type as _exception_type
 from ws_monitoring.typing import NOT_SAMPLED
 
 from . import export as otlp
@@ -358,8 +359,9 @@ _ERROR = StatusCode.ERROR.value
 #: Encoded size and type attributes of messages, by ``size * 2 + binary`` (bounded).
 _MESSAGE_ATTRS: dict[int, bytes] = {}
 _MAX_MESSAGE_ATTRS = 1024
-#: Client-view attributes: already anonymized or consented, not scrubbed again.
-_CLIENT_KEYS = ("client.address", "user.id")
+#: Client-view attributes (already anonymized or consented) and bounded labels (the
+#: same values as the metrics'): not scrubbed again.
+_CLIENT_KEYS = ("client.address", "user.id", "messaging.destination.name", "websocket.tenant")
 
 
 class _Constant:
@@ -476,6 +478,8 @@ def _connection_attributes(
     if operation is not None:
         attrs["messaging.operation.type"] = operation
         attrs["messaging.operation.name"] = operation
+    if record.tenant:
+        attrs["websocket.tenant"] = record.tenant
     attrs.update(_client_attributes(record.client))
     return privacy.scrub(attrs, keep=_CLIENT_KEYS)
 
@@ -490,28 +494,17 @@ _MAX_FRAMES = 32
 _MAX_TEXT = 4096
 
 
-def _exception_type(exc: BaseException) -> str:
-    """The exception's class, qualified by its module unless a builtin."""
-    cls = type(exc)
-    if cls.__module__ in ("builtins", "__main__"):
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _exception_attributes(exc: BaseException, client: Client, privacy: Privacy) -> dict[str, Any]:
-    """The ``exception`` event's attributes: type and frames; the message only with consent.
-
-    An exception message often quotes the payload that caused it, so it is emitted
-    (scrubbed) only for clients that consented to ``payload``.
-    """
+    """The ``exception`` event's attributes: type and frames; the message by the privacy
+    layer's one rule for every sink (``config.exception_messages``)."""
     name = _exception_type(exc)
     frames = "".join(traceback.format_tb(exc.__traceback__, limit=-_MAX_FRAMES))
     attrs: dict[str, Any] = {
         "exception.type": name,
         "exception.stacktrace": f"Traceback (most recent call last):\n{frames}{name}"[-_MAX_TEXT:],
     }
-    if client.allows(PURPOSE_PAYLOAD):
-        attrs["exception.message"] = privacy.scrub_text(str(exc))[:_MAX_TEXT]
+    if (message := privacy.exception_message(exc)) is not None:
+        attrs["exception.message"] = message[:_MAX_TEXT]
     return attrs
 
 
@@ -643,7 +636,7 @@ class TracingSink:
         elif handshake.outcome == "failed":
             attrs["error.type"] = handshake.failure or "error"
         # The server's own privacy layer: same key, so the same pseudonyms as its logs.
-        attrs = handshake.monitor.privacy.scrub(attrs)
+        attrs = handshake.monitor.privacy.scrub(attrs, keep=("http.route",))
         # The Host header names this server, not the client: kept when well-formed.
         if request is not None:
             hosts = request.headers.get_all("Host")
