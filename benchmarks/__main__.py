@@ -286,7 +286,11 @@ class Suite:
             if "instructions" in self.sections:
                 with self.section("instructions under callgrind"):
                     self.results["instructions"] = instructions(
-                        self.variants, self.start_under, quick=self.quick, progress=self.say
+                        self.variants,
+                        self.start_under,
+                        floors={v: f for v, _, f, _ in report.VARIANTS},
+                        quick=self.quick,
+                        progress=self.say,
                     )
             if "crash" in self.sections:
                 with self.section("crash storm"), ExitStack() as own:

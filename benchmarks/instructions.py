@@ -64,12 +64,14 @@ def instructions(
     variants: Sequence[str],
     start: Callable[..., ServerProcess],
     *,
+    floors: dict[str, str] | None = None,
     quick: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Instructions per echoed message of each variant, and the ratio to ``bare``'s.
+    """Instructions per echoed message of each variant, and the ratio to its floor's.
 
-    ``start(variant, prefix=...)`` starts a server process under that command.
+    ``start(variant, prefix=...)`` starts a server process under that command;
+    ``floors`` maps a variant to its floor (default ``bare``; ratios need it measured).
     """
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
@@ -91,7 +93,8 @@ def instructions(
                 raise RuntimeError(f"{variant}: no message echoed under callgrind")
             out["variants"][variant] = {"messages": messages, "ir_per_msg": _total(path) / messages}
             progress(f"  {variant}: {out['variants'][variant]['ir_per_msg']:.0f} Ir/msg")
-    bare = out["variants"].get("bare")
-    for row in out["variants"].values():
-        row["ratio"] = row["ir_per_msg"] / bare["ir_per_msg"] if bare else None
+    counted = out["variants"]
+    for variant, row in counted.items():
+        floor = counted.get((floors or {}).get(variant, "bare"))
+        row["ratio"] = row["ir_per_msg"] / floor["ir_per_msg"] if floor else None
     return out
