@@ -92,7 +92,7 @@ def budgets(results: dict[str, Any]) -> list[Budget]:
             ratio = (main[variant].get("ratio") or {}).get("median")
             rows.append(Budget("CPU per message", label, ratio, limit, "x"))
     counted = (results.get("instructions") or {}).get("variants") or {}
-    for variant, label, floor, limit in VARIANTS:
+    for variant, label, _floor, limit in VARIANTS:
         if limit is not None and variant in counted and counted[variant]["ratio"] is not None:
             value = counted[variant]["ratio"]
             rows.append(Budget("instructions", label, value, limit, "x"))
