@@ -151,7 +151,7 @@ class Consent:
 NO_CONSENT = Consent()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: one per connection, kept small
 class Client:
     """What sinks may emit about a client: anonymized unless consented.
 

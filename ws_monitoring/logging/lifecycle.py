@@ -79,7 +79,12 @@ class LifecycleLogSink:
         self.logger.info("handshake %s", handshake.outcome, extra=fields)
 
     def connection_opened(self, connection: ConnectionRecord) -> None:
-        connection.context[_TOKEN] = current_connection.set(connection)
+        # No contextvars.Token kept per connection (memory): the previous value, only
+        # when there is one, is what connection_closed restores.
+        previous = current_connection.get()
+        current_connection.set(connection)
+        if previous is not None:
+            connection.context[_TOKEN] = previous
         if self.logger.isEnabledFor(_INFO):
             self.logger.info(
                 "connection opened",
@@ -113,13 +118,10 @@ class LifecycleLogSink:
                     "bytes_out": connection.out_bytes,
                 },
             )
-        token = connection.context.pop(_TOKEN, None)
-        if token is not None:
-            try:
-                current_connection.reset(token)
-            except ValueError:
-                # Closed from another context than the one that opened it.
-                current_connection.set(None)
+        previous = connection.context.pop(_TOKEN, None)
+        # Closed from another context than the one that opened it: that one is left as is.
+        if current_connection.get() is connection:
+            current_connection.set(previous)
 
     def shutdown(self, timeout: float) -> None:
         """Nothing to flush: the logging handlers own the output."""
