@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Never
 
@@ -58,7 +58,7 @@ from .instrument import DEFAULT, _config, _given, build_monitor
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from ws_monitoring.config import RouteGrouping
+    from ws_monitoring.config import ExceptionMessages, RouteGrouping
     from ws_monitoring.typing import Alerter, Data, Sink
 
 __all__ = ["MonitoringMiddleware"]
@@ -399,6 +399,11 @@ class MonitoringMiddleware:
         pseudonym_key: bytes | None = DEFAULT,
         consent_resolver: Callable[[Request], Any] | None = DEFAULT,
         user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+        route_from_path: bool = DEFAULT,
+        exception_messages: ExceptionMessages = DEFAULT,
+        tenant: Callable[[Request], str | None] | None = DEFAULT,
+        tenants: Collection[str] | None = DEFAULT,
+        max_tenants: int = DEFAULT,
         alerters: Sequence[Alerter] = DEFAULT,
         sinks: Sequence[Sink] = DEFAULT,
         **unknown: Never,
