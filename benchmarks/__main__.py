@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from . import harness, report
+from . import crash_storm, harness, labels, report
 from .breakdown import breakdown
+from .instructions import instructions
 from .procs import Receiver, ServerProcess, cpu_plan, raise_fd_limit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -38,9 +39,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, help="idle connections (default 5000)")
     parser.add_argument(
         "--only",
-        default="main,scaling,memory,lag,breakdown",
-        help="comma-separated sections: main, scaling, memory (includes scrapes), lag, "
-        "breakdown, profile",
+        default="main,scaling,memory,lag,crash,labels,breakdown",
+        help="comma-separated sections: main, scaling, memory (includes scrapes), lag, crash, "
+        "labels, breakdown, profile, instructions (callgrind; not in the default set)",
     )
     parser.add_argument("--variants", help="comma-separated subset of the main variants")
     parser.add_argument("--profile", action="store_true", help="also profile the servers")
@@ -113,6 +114,18 @@ class Suite:
         for server in servers.values():
             server.wait_ready()
         return servers
+
+    def start_under(self, variant: str, *, prefix: list[str]) -> ServerProcess:
+        """One server process (not pinned, not waited for) running under ``prefix``."""
+        assert self.receiver is not None
+        return ServerProcess(
+            variant,
+            None,
+            otlp=self.receiver.url,
+            alerts=self.receiver.url,
+            log_file=os.path.join(self.logdir, f"{variant}.callgrind.log"),
+            prefix=prefix,
+        )
 
     @contextmanager
     def section(self, name: str) -> Iterator[None]:
@@ -270,6 +283,21 @@ class Suite:
             if "lag" in self.sections:
                 with self.section("event-loop lag"), ExitStack() as own:
                     self.lag(own)
+            if "instructions" in self.sections:
+                with self.section("instructions under callgrind"):
+                    self.results["instructions"] = instructions(
+                        self.variants,
+                        self.start_under,
+                        floors={v: f for v, _, f, _ in report.VARIANTS},
+                        quick=self.quick,
+                        progress=self.say,
+                    )
+            if "crash" in self.sections:
+                with self.section("crash storm"), ExitStack() as own:
+                    self.results["crash_storm"] = crash_storm.run(self, own)
+            if "labels" in self.sections:
+                with self.section("long labels"), ExitStack() as own:
+                    self.results["labels"] = labels.run(self, own)
             exports = self.receiver.command("stats")
             self.results["exports"] = exports
         spans = exports["spans"]
@@ -291,7 +319,11 @@ class Suite:
         png_path = os.path.join(out, f"{stem}.png{suffix}")
         report.write_json(self.results, json_path)
         drew = report.chart(self.results, png_path) if "main" in self.sections else False
-        print(report.table(self.results))
+        print(
+            report.table(self.results)
+            + crash_storm.table(self.results)
+            + labels.table(self.results)
+        )
         print(f"\nResults: {json_path}" + (f", chart: {png_path}" if drew else ""))
         return 1 if self.errors else 0
 

@@ -9,6 +9,7 @@ import resource
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["Receiver", "ServerProcess", "cpu_plan", "raise_fd_limit"]
@@ -51,14 +52,21 @@ def _pin(pid: int, cpus: set[int] | None) -> None:
 class _Child:
     """A Python child process speaking JSON lines on stdin/stdout."""
 
-    def __init__(self, args: list[str], cpus: set[int] | None, name: str) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cpus: set[int] | None,
+        name: str,
+        extra_env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.name = name
-        env = dict(os.environ)
+        env = {**os.environ, **(extra_env or {})}
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         # Coverage or other interpreter-wide hooks would skew the server's CPU time.
         env.pop("COVERAGE_PROCESS_START", None)
         self.proc = subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -142,13 +150,18 @@ class ServerProcess(_Child):
         otlp: str | None,
         alerts: str | None,
         log_file: str,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix``: a command the server runs under (e.g. valgrind's)."""
         args = ["-m", "benchmarks.server", variant, "--log-file", log_file]
         if otlp:
             args += ["--otlp", otlp]
         if alerts:
             args += ["--alerts", alerts]
-        super().__init__(args, cpus, f"server {variant}")
+        # Here, not at import: variants imports the crash-storm module, which imports this.
+        from .variants import SERVERS
+
+        super().__init__(args, cpus, f"server {variant}", SERVERS[variant].env, prefix)
         self.variant = variant
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -10,21 +11,123 @@ import sys
 from importlib import metadata
 from typing import Any
 
-__all__ = ["VARIANTS", "chart", "machine", "table", "write_json"]
+from .asgi import VARIANTS as ASGI_VARIANTS
+
+__all__ = ["VARIANTS", "Budget", "add_budget", "budgets", "chart", "machine", "table", "write_json"]
 
 #: (variant, label, floor variant, budget ratio or None), in report order.
 VARIANTS: tuple[tuple[str, str, str, float | None], ...] = (
     ("bare", "1. bare websockets (floor)", "bare", None),
     ("recipe-1pct", "2. common recipe, 1 % sampled", "bare", None),
     ("recipe-100pct", "2. common recipe, 100 % sampled", "bare", None),
-    ("metrics", "3. ws-monitoring metrics only", "bare", 1.05),
-    ("defaults", "4. ws-monitoring defaults", "bare", 1.10),
+    ("metrics", "3. ws-monitoring metrics only", "bare", 1.04),
+    ("defaults", "4. ws-monitoring defaults", "bare", 1.06),
     ("all-spans", "5. ws-monitoring, 100 % spans", "bare", 2.0),
-    ("sync-bare", "6. threading: bare (floor)", "sync-bare", None),
-    ("sync-metrics", "6. threading: metrics only", "sync-bare", None),
-    ("sync-defaults", "6. threading: defaults", "sync-bare", None),
+    ("instrument-metrics", "6. instrument(), metrics only", "bare", 1.05),
+    ("instrument-defaults", "6. instrument(), defaults", "bare", 1.08),
+    ("python-metrics", "7. pure Python, metrics only", "bare", None),
+    ("python-defaults", "7. pure Python, defaults", "bare", 1.20),
+    ("sync-bare", "8. threading: bare (floor)", "sync-bare", None),
+    ("sync-metrics", "8. threading: metrics only", "sync-bare", None),
+    ("sync-defaults", "8. threading: defaults", "sync-bare", None),
+    *ASGI_VARIANTS,
 )
 LABELS = {v: label for v, label, _, _ in VARIANTS}
+
+#: Extra Python heap per idle connection, bytes, for each budgeted variant.
+MEMORY_BUDGETS = {"metrics": 1024.0, "defaults": 1024.0}
+#: A scrape of the idle connections (p95), and the worst event-loop stall, in ms.
+SCRAPE_BUDGET_MS = 50.0
+STALL_BUDGET_MS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """One measured row and its budget (lower is better): what the report checks.
+
+    Any section adds its own with :func:`add_budget` (e.g. the ASGI or label rows);
+    the table lists them all and the chart draws each as measured / budget.
+    """
+
+    section: str
+    label: str
+    value: float | None  # None: not measured in this run
+    limit: float
+    unit: str  # "x" (ratio to the floor), "B", "ms", ...
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "not measured"
+        return "ok" if self.value <= self.limit else "OVER"
+
+    def show(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        if self.unit == "x":
+            return f"{value:.3f}x"
+        return f"{value:.0f} {self.unit}" if self.unit == "B" else f"{value:.2f} {self.unit}"
+
+
+def add_budget(
+    results: dict[str, Any],
+    section: str,
+    label: str,
+    value: float | None,
+    limit: float,
+    unit: str,
+) -> None:
+    """Record a row with a budget in ``results`` (kept in the JSON, shown by the report)."""
+    results.setdefault("budgets", []).append(
+        {"section": section, "label": label, "value": value, "limit": limit, "unit": unit}
+    )
+
+
+def budgets(results: dict[str, Any]) -> list[Budget]:
+    """Every row of this run that has a budget: the built-in sections, then the added ones."""
+    rows: list[Budget] = []
+    main = results.get("main") or {}
+    for variant, label, _floor, limit in VARIANTS:
+        if limit is not None and variant in main:
+            ratio = (main[variant].get("ratio") or {}).get("median")
+            rows.append(Budget("CPU per message", label, ratio, limit, "x"))
+    counted = (results.get("instructions") or {}).get("variants") or {}
+    for variant, label, _floor, limit in VARIANTS:
+        if limit is not None and variant in counted and counted[variant]["ratio"] is not None:
+            value = counted[variant]["ratio"]
+            rows.append(Budget("instructions", label, value, limit, "x"))
+    memory = results.get("memory") or {}
+    bare = memory.get("bare")
+    for variant, limit in MEMORY_BUDGETS.items():
+        row = memory.get(variant)
+        if row and bare:
+            extra = row["python_bytes_per_connection"] - bare["python_bytes_per_connection"]
+            rows.append(Budget("memory", f"{variant}: heap per idle connection", extra, limit, "B"))
+    for variant, row in (results.get("scrape") or {}).items():
+        rows.append(
+            Budget("scrape", f"{variant}: scrape p95", row["ms"]["p95"], SCRAPE_BUDGET_MS, "ms")
+        )
+    worst = ((results.get("lag") or {}).get("load+scrapes+alerts") or {}).get("max_ms")
+    if results.get("lag"):
+        rows.append(Budget("lag", "loop stall, scrapes + crashes", worst, STALL_BUDGET_MS, "ms"))
+    rows.extend(_crash_storm_budgets(results))
+    rows.extend(Budget(**row) for row in results.get("budgets", []))
+    return rows
+
+
+def _crash_storm_budgets(results: dict[str, Any]) -> list[Budget]:
+    from . import crash_storm
+
+    row = (results.get("crash_storm") or {}).get(crash_storm.BUDGETED)
+    if not row:
+        return []
+    label = crash_storm.BUDGETED
+    return [
+        Budget("crash storm", f"{label}: CPU per crash", row.get("cpu_ms_per_crash"),
+               crash_storm.BUDGET_CPU_MS, "ms"),
+        Budget("crash storm", f"{label}: loop stall", (row.get("stall") or {}).get("max_ms"),
+               crash_storm.BUDGET_STALL_MS, "ms"),
+    ]  # fmt: skip
 
 
 def _cpu_model() -> str:
@@ -67,6 +170,8 @@ def machine() -> dict[str, Any]:
                 "prometheus_client",
                 "opentelemetry-sdk",
                 "python-json-logger",
+                "uvicorn",
+                "fastapi",
                 "ws-monitoring",
             )
         },
@@ -182,6 +287,16 @@ def table(results: dict[str, Any]) -> str:
         alerts = results.get("exports", {}).get("alerts")
         if alerts is not None:
             add(f"  alerts delivered to the local Alertmanager stand-in: {alerts}")
+    counted = results.get("instructions")
+    if counted:
+        add("")
+        add(f"Instructions per echoed message under callgrind ({counted['shape']}; load-proof):")
+        for variant, row in counted["variants"].items():
+            ratio = row["ratio"]
+            add(
+                f"  {LABELS.get(variant, variant):34} {row['ir_per_msg']:9.0f} Ir/msg  "
+                f"{_fmt(ratio, '.4f', 'x')}"
+            )
     breakdown = results.get("breakdown")
     if breakdown:
         add("")
@@ -202,6 +317,15 @@ def table(results: dict[str, Any]) -> str:
                     f"  {row['extra_us_per_msg']:+6.2f} µs {row['extra_calls_per_msg']:+5.2f} "
                     f"calls  {row['function']}"
                 )
+    rows = budgets(results)
+    if rows:
+        add("")
+        add("Budgets (lower is better; every row of this run that has one):")
+        for row in rows:
+            add(
+                f"  {row.section:16} {row.label:42} {row.show(row.value):>12}  "
+                f"budget {row.show(row.limit):>9}  {row.status}"
+            )
     if results.get("errors"):
         add("")
         add("ERRORS:")
@@ -230,9 +354,9 @@ def chart(results: dict[str, Any], path: str) -> bool:
     main = results.get("main") or {}
     rows = [(v, label, budget) for v, label, _f, budget in VARIANTS if v in main]
     scaling = results.get("scaling") or {}
-    fig, axes = plt.subplots(
-        1, 2 if scaling else 1, figsize=(13 if scaling else 8, 5.5), squeeze=False
-    )
+    budgeted = [row for row in budgets(results) if row.value is not None]
+    panels = 1 + bool(scaling) + bool(budgeted)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 5.5), squeeze=False)
     ax = axes[0][0]
     names = [label for _, label, _ in rows]
     medians = [(main[v].get("ratio") or {}).get("median") or 0.0 for v, _, _ in rows]
@@ -288,12 +412,37 @@ def chart(results: dict[str, Any], path: str) -> bool:
         ax2.set_ylabel("ratio to bare (same rounds)")
         ax2.set_title("Cost scaling", fontsize=9)
         ax2.legend(fontsize=8)
+    if budgeted:
+        _budget_panel(axes[0][panels - 1], budgeted)
     m = results["machine"]
     fig.suptitle(f"{m['cpu']}, {m['cpus']} CPUs, {m['python']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
     return True
+
+
+def _budget_panel(ax: Any, rows: list[Budget]) -> None:
+    """Each budgeted row as measured / budget: 1.0 is the budget (ratios: their excess)."""
+
+    def share(row: Budget) -> float:
+        assert row.value is not None
+        if row.unit == "x":  # a ratio to the floor: compare what it adds to the floor
+            return (row.value - 1) / (row.limit - 1) if row.limit > 1 else row.value / row.limit
+        return row.value / row.limit
+
+    shares = [share(row) for row in rows]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, shares, color=["#2ca02c" if v <= 1 else "#d62728" for v in shares])
+    ax.axvline(1.0, color="black", linewidth=1.5)
+    for yi, row, v in zip(y, rows, shares, strict=True):
+        ax.text(v * 1.02 + 0.02, yi, f"{row.show(row.value)} / {row.show(row.limit)}",
+                va="center", fontsize=7)  # fmt: skip
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{row.section}: {row.label}" for row in rows], fontsize=7)
+    ax.set_xlim(0, max([*shares, 1.0]) * 1.45)
+    ax.set_xlabel("measured / budget (ratios: overhead / allowed overhead)")
+    ax.set_title("Every row with a budget (green: met)", fontsize=9)
 
 
 def profile_stats(stats_path: str, messages: int) -> dict[str, tuple[float, float]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 __all__ = ["FLUSHERS", "SERVERS", "Options", "ServerSpec"]
@@ -135,11 +135,16 @@ def _start_metrics_server() -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSpec:
-    """How to start one variant; ``sync`` variants use the threading server."""
+    """How to start one variant; ``sync`` variants use the threading server.
+
+    ``env``: set in the server process's environment before it starts (e.g.
+    ``WS_MONITORING_NO_SPEEDUPS=1`` for the pure-Python fallback, read at import).
+    """
 
     sync: bool
     start_async: Callable[[Options], contextlib.AbstractAsyncContextManager[dict[str, Any]]]
     start_sync: Callable[[Options], tuple[Any, dict[str, Any]]]
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _no_sync(options: Options) -> tuple[Any, dict[str, Any]]:
@@ -199,6 +204,26 @@ def _async_ws_monitoring(kind: str) -> Callable[[Options], Any]:
     return start
 
 
+def _async_instrument(kind: str) -> Callable[[Options], Any]:
+    """The README's second way: the user's own ``websockets`` ``serve``, ``instrument()``."""
+
+    def start(options: Options) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+        @contextlib.asynccontextmanager
+        async def run() -> AsyncIterator[dict[str, Any]]:
+            from websockets.asyncio.server import serve
+
+            import ws_monitoring
+
+            extra = _ws_monitoring_setup(kind, options)
+            info = _start_metrics_server()
+            async with serve(ws_monitoring.instrument(echo, **extra), HOST, 0) as server:
+                yield {"port": server.sockets[0].getsockname()[1], **info}
+
+        return run()
+
+    return start
+
+
 def _sync_bare(options: Options) -> tuple[Any, dict[str, Any]]:
     from websockets.sync.server import serve
 
@@ -218,6 +243,9 @@ def _sync_ws_monitoring(kind: str) -> Callable[[Options], tuple[Any, dict[str, A
     return start
 
 
+#: The pure-Python fallback: the C speedups are not loaded (``ws_monitoring.core``).
+_PURE_PYTHON = {"WS_MONITORING_NO_SPEEDUPS": "1"}
+
 SERVERS: dict[str, ServerSpec] = {
     "bare": ServerSpec(False, _async_bare, _no_sync),
     "recipe-1pct": ServerSpec(False, _async_recipe(0.01), _no_sync),
@@ -226,9 +254,27 @@ SERVERS: dict[str, ServerSpec] = {
     "defaults": ServerSpec(False, _async_ws_monitoring("defaults"), _no_sync),
     "all-spans": ServerSpec(False, _async_ws_monitoring("all"), _no_sync),
     "alerting": ServerSpec(False, _async_ws_monitoring("alerting"), _no_sync),
+    "instrument-metrics": ServerSpec(False, _async_instrument("metrics"), _no_sync),
+    "instrument-defaults": ServerSpec(False, _async_instrument("defaults"), _no_sync),
+    "python-metrics": ServerSpec(False, _async_ws_monitoring("metrics"), _no_sync, _PURE_PYTHON),
+    "python-defaults": ServerSpec(False, _async_ws_monitoring("defaults"), _no_sync, _PURE_PYTHON),
     "sync-bare": ServerSpec(True, _no_async, _sync_bare),
     "sync-metrics": ServerSpec(True, _no_async, _sync_ws_monitoring("metrics")),
     "sync-defaults": ServerSpec(True, _no_async, _sync_ws_monitoring("defaults")),
 }
+
+# The crash-storm and long-labels rows bring their own servers (they import this module
+# only when one starts).
+from . import crash_storm, labels  # noqa: E402
+
+SERVERS.update(
+    {name: ServerSpec(False, start, _no_sync) for name, start in crash_storm.SERVERS.items()}
+)
+SERVERS.update({name: ServerSpec(False, start, _no_sync) for name, start in labels.SERVERS.items()})
+
+# uvicorn + FastAPI, bare and with the ASGI middleware (built on the names above).
+from . import asgi as _asgi  # noqa: E402
+
+SERVERS.update(_asgi.servers())
 
 logging.getLogger("websockets").setLevel(logging.WARNING)

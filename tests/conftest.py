@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 from tests.helpers.scrape import Samples, scrape
 from ws_monitoring import MetricsServer, start_metrics_server
 
-# No timed assertions: hypothesis' default 200 ms per-example deadline fails property
-# tests on a loaded 2-core machine (seen in the version matrix); speed lives in benchmarks/.
-settings.register_profile("no-deadline", deadline=None)
-settings.load_profile("no-deadline")
+# Tests check correctness, not speed: no per-example deadline, which a loaded 2-core
+# machine (CI, the coverage tracer, a subprocess suite) would trip by chance.
+settings.register_profile("ws_monitoring", deadline=None)
+settings.load_profile("ws_monitoring")
 
 
 @pytest.fixture

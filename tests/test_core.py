@@ -233,7 +233,8 @@ def test_record_views_are_privacy_safe_and_query_free() -> None:
     conn = conn_with_request("/rooms/42?token=secret")
     record = monitor.open(conn)
     assert record.path == "/rooms/42"
-    assert record.route == "/rooms/42"
+    # The default grouping: identifier-like segments become {id} (privacy.safe_path).
+    assert record.route == "/rooms/{id}"
     assert record.id == str(conn.id)
     assert record.client.ip == "203.0.113.0"
     assert record.request is conn.request
@@ -509,24 +510,31 @@ def test_age_runs_while_open_and_freezes_when_closed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("payload", "code"),
+    ("payload", "code", "error"),
     [
-        (struct.pack("!H", 5000), 5000),
-        (struct.pack("!H", 999), 999),
-        (struct.pack("!H", 1004), 1004),
-        (b"\x03", 0),  # too short to hold a code
-        (struct.pack("!H", 1000) + b"\xff", 1000),  # invalid UTF-8 reason
+        (struct.pack("!H", 5000), 1002, "protocol_error"),
+        (struct.pack("!H", 999), 1002, "protocol_error"),
+        (struct.pack("!H", 1005), 1002, "protocol_error"),
+        (struct.pack("!H", 1004), 1002, "protocol_error"),
+        (b"\x03", 1002, "protocol_error"),  # too short to hold a code
+        (struct.pack("!H", 1000) + b"\xff", 1007, "invalid_payload"),  # invalid UTF-8 reason
     ],
 )
-def test_a_close_frame_websockets_rejects_keeps_the_peer_code(payload: bytes, code: int) -> None:
+def test_a_close_frame_websockets_rejects_is_recorded_as_the_servers_close(
+    payload: bytes, code: int, error: str
+) -> None:
+    # What the server did, not what the peer asked for: it failed the connection.
     monitor = make_monitor()
     conn = conn_with_request()
     record = monitor.open(conn)
     recv(conn, frame(0x8, payload))
     assert conn.protocol.close_rcvd is None
+    assert conn.protocol.close_sent is not None
+    assert conn.protocol.close_sent.code == code
     monitor.closed(record, conn.protocol)
     assert record.close_code == code
-    assert record.error_type in ("protocol_error", "invalid_payload")
+    assert record.close_reason == conn.protocol.close_sent.reason
+    assert record.error_type == error
 
 
 # -- classify_close ----------------------------------------------------------------------------

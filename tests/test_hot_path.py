@@ -255,3 +255,56 @@ async def test_open_connections_keep_no_handshake_record(registry: CollectorRegi
         await client.send("x")
         assert await client.recv() == "x"
         assert _live_handshake_records() == before
+
+
+async def test_an_idle_connection_keeps_little_state_with_the_defaults(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tracing and lifecycle logs on: what only a kept span needs (its constant parts, the
+    encoded link) is built by the first one; the logger keeps no contextvars token; the
+    client view has slots (memory per idle connection, see benchmarks/README.md)."""
+    import logging
+
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    from tests.helpers.otlp import OtlpHttpReceiver
+    from ws_monitoring.core import record_of
+    from ws_monitoring.tracing.setup import setup_tracing
+
+    caplog.set_level(logging.INFO, logger="ws_monitoring")
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+    receiver = OtlpHttpReceiver()
+    tracing = setup_tracing(endpoint=receiver.url, sample_ratio=1.0)
+    seen: list[Any] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        record = record_of(ws)
+        assert record is not None
+        state = record.context["otel"]
+        seen.append(
+            (
+                state.constants,
+                state._link,
+                sorted(record.context),
+                hasattr(record.client, "__dict__"),
+            )
+        )
+        async for message in ws:
+            await ws.send(message)
+        seen.append(state.constants is not None)
+
+    try:
+        async with (
+            async_server(handler, monitoring={"registry": registry}) as srv,
+            connect(srv.url("/idle")) as client,
+        ):
+            await client.send("x")
+            assert await client.recv() == "x"
+    finally:
+        tracing.shutdown(5)
+        receiver.close()
+        trace._TRACER_PROVIDER_SET_ONCE = Once()
+        trace._TRACER_PROVIDER = None
+    assert seen == [(None, None, ["otel"], False), True]

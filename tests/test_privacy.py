@@ -28,12 +28,16 @@ from ws_monitoring.config import Config
 from ws_monitoring.consent import grant, grant_user, privacy_of, withdraw, withdraw_user
 from ws_monitoring.core import RECORD_ATTR, ConnectionRecord, Monitor
 from ws_monitoring.privacy import (
+    IDENTIFIER,
     JOURNAL_LOGGER,
     MAX_SCRUB_LENGTH,
     NO_CONSENT,
     PSEUDONYM_KEY_ENV,
     Consent,
     Privacy,
+    exception_type,
+    is_identifier,
+    mask_identifiers,
     truncate_ip,
 )
 
@@ -357,7 +361,8 @@ def test_scrub_mapping() -> None:
     alice = p.pseudonymize("alice")
     bob = p.pseudonymize("bob@example.org")
     assert out == {
-        "http.url": "wss://chat.example/rooms/1",
+        # URL paths lose their identifier-like segments (privacy.safe_path).
+        "http.url": "wss://chat.example/rooms/{id}",
         "client.address": "203.0.113.0",
         "network.peer.address": "2001:db8:5ee::",
         "x-forwarded-for": "203.0.113.0, 10.1.2.0, [redacted]",
@@ -819,3 +824,212 @@ def test_scrub_text_stays_linear_on_hostile_input(text: str) -> None:
     assert out.endswith("…[truncated]")
     # Bounded: redaction markers may be longer than what they replace, never unbounded.
     assert len(out) <= 3 * MAX_SCRUB_LENGTH
+
+
+# -- the identifier rule table ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("word", "in_path", "in_text"),
+    [
+        # rule 1: longer than 32 characters
+        ("a" * 32, False, False),
+        ("a" * 33, True, True),
+        ("8f14e45f-ceea-467f-a0e5-7d6e1c2b9a31", True, True),
+        # rule 2: @
+        ("alice@example.com", True, True),
+        ("@", True, True),
+        # rule 3: 3+ digits
+        ("room123", True, True),
+        ("a1b2c3", True, True),
+        ("+15551234", True, True),
+        ("203.0.113.0", True, True),
+        ("h264", True, True),
+        ("a1b2", False, False),
+        # rule 4: numbers (paths only)
+        ("7", True, False),
+        ("42", True, False),
+        ("1.5", True, False),
+        ("-3", True, False),
+        ("2024-01-31", True, True),
+        ("3d", False, False),
+        # rule 5: hex runs with a digit
+        ("5f3a9c21", True, True),
+        ("deadbee1", True, True),
+        ("deadbeef", False, False),
+        ("abcdef12", True, True),
+        ("abcdef1", False, False),  # 7 hex digits: too short
+        # rule 6: other characters (paths only)
+        ("josé", True, False),
+        ("a+b", True, False),
+        ("a b", True, False),
+        ("dGVzdA==", True, False),
+        ("a/b", True, False),
+        ("\x1b[31m", True, False),
+        # rule 7: random-looking
+        ("aZbYcXdW", True, True),
+        ("kQzPwMvN", True, True),
+        ("getUserProfile", False, False),
+        ("XMLHttpRequest", False, False),
+        ("iPhone", False, False),
+        # words
+        ("rooms", False, False),
+        ("v1", False, False),
+        ("socket.io", False, False),
+        ("chat-room", False, False),
+        ("~lobby", False, False),
+        ("..", False, False),
+    ],
+)
+def test_identifier_rule_table(word: str, in_path: bool, in_text: bool) -> None:
+    assert is_identifier(word) is in_path
+    assert is_identifier(word, path=False) is in_text
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("division by zero", "division by zero"),
+        ("invalid literal for int() with base 10: 'alice'", None),
+        ("Expecting value: line 1 column 5 (char 4)", None),
+        ("bad order 4111111111111111 for room 8f14e45f-ceea", "bad order {id} for room {id}"),
+        ("no user alice@example.com", "no user {id}"),
+        ("token tk_Q9zLm2XvB8nR4wY7 expired", "token {id} expired"),
+        # Addresses are left alone: scrub_text has anonymized them already.
+        ("from 203.0.113.0 and 2001:db8:5ee:: ok", None),
+        ("path /users/5f3a9c21/feed", "path /users/{id}/feed"),
+        ("KeyError: 'k_aZbYcXdWeVfU'", "KeyError: '{id}'"),
+    ],
+)
+def test_mask_identifiers(text: str, masked: str | None) -> None:
+    assert mask_identifiers(text) == (text if masked is None else masked)
+
+
+def test_scrub_url_keeps_words_and_hides_identifiers() -> None:
+    p = privacy()
+    assert p.scrub_url("/users/alice@example.com/feed?x=1#f") == "/users/{id}/feed"
+    assert p.scrub_url("wss://bob:pw@chat.example:8443/rooms/42?t=1") == (
+        "wss://chat.example:8443/rooms/{id}"
+    )
+    assert p.scrub_url("https://203.0.113.5/x/123") == "https://203.0.113.0/x/{id}"
+    assert p.scrub_url("https://example.com") == "https://example.com"
+    assert p.scrub_url("relative/a@b.example") == "relative/user:" + p.pseudonymize("a@b.example")
+    assert p.scrub({"url.path": "/t/eyJ" + "x" * 40, "path": "/p/7"}) == {
+        "url.path": "/t/{id}",
+        "path": "/p/{id}",
+    }
+
+
+# -- exception messages: one rule for every sink ------------------------------------------------
+
+RAW_MESSAGE = "no order 4111111111111111 for alice@example.com from 203.0.113.77?token=t0k"
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no")
+
+
+RAW_MESSAGE_MARKERS = ["4111111111111111", "alice@example.com", "203.0.113.77", "t0k"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("scrub", "no order {id} for {id} from 203.0.113.0"),
+        ("keep", RAW_MESSAGE),
+        ("drop", None),
+    ],
+)
+def test_exception_messages_rule(mode: str, expected: str | None) -> None:
+    p = privacy(exception_messages=mode)
+    exc = RuntimeError(RAW_MESSAGE)
+    assert p.exception_message(exc) == expected
+    assert p.exception_text(RAW_MESSAGE) == expected
+    assert p.exception_summary(exc) == (
+        "RuntimeError" if expected is None else f"RuntimeError: {expected}"
+    )
+    # An empty or unprintable message is no message.
+    assert p.exception_message(RuntimeError()) is None
+    assert p.exception_summary(Unprintable()) == "tests.test_privacy.Unprintable"
+
+
+def test_exception_messages_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="exception_messages must be one of 'scrub', 'keep'"):
+        Config(exception_messages="hide")  # type: ignore[arg-type]
+
+
+def test_keep_still_bounds_and_repairs_the_text() -> None:
+    p = privacy(exception_messages="keep")
+    text = p.exception_text("x" * (MAX_SCRUB_LENGTH + 10) + "\udcff")
+    assert text == "x" * MAX_SCRUB_LENGTH + "…[truncated]"
+    assert p.exception_text("lone \udcff") == "lone \ufffd"
+
+
+def chained() -> BaseException:
+    try:
+        try:
+            raise KeyError(f"item 8f14e45f-ceea-467f-a0e5-7d6e1c2b9a31 in {RAW_MESSAGE}")
+        except KeyError as inner:
+            raise ValueError("bad item 5f3a9c21") from inner
+    except ValueError:
+        try:
+            raise RuntimeError(RAW_MESSAGE)
+        except RuntimeError as outer:
+            return outer
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("mode", ["scrub", "keep", "drop"])
+def test_format_exception_follows_the_rule_for_every_chained_message(mode: str) -> None:
+    p = privacy(exception_messages=mode)
+    text = p.format_exception(chained())
+    lines = text.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert "During handling of the above exception, another exception occurred:" in lines
+    summaries = [
+        line for line in lines if line.split(":")[0] in {"KeyError", "ValueError", "RuntimeError"}
+    ]
+    if mode == "drop":
+        assert summaries == ["KeyError", "ValueError", "RuntimeError"]
+    elif mode == "scrub":
+        assert summaries == [
+            "KeyError: 'item {id} in no order {id} for {id} from 203.0.113.0'",
+            "ValueError: bad item {id}",
+            "RuntimeError: no order {id} for {id} from 203.0.113.0",
+        ]
+    else:
+        assert summaries[-1] == f"RuntimeError: {RAW_MESSAGE}"
+    if mode != "keep":
+        assert_no_markers(text, RAW_MESSAGE_MARKERS)
+    # Frames are the application's code, scrubbed like any text.
+    assert "raise RuntimeError(RAW_MESSAGE)" in text
+    assert not text.endswith("\n")
+    assert exception_type(KeyError()) == "KeyError"
+
+
+def test_format_exception_survives_cycles_and_long_chains() -> None:
+    first, second = ValueError("a"), ValueError("b")
+    first.__context__, second.__context__ = second, first
+    assert privacy().format_exception(first) == (
+        "ValueError: b\n\nDuring handling of the above exception, another exception occurred:"
+        "\n\nValueError: a"
+    )
+    exc: BaseException = ValueError("0")
+    for i in range(1, 20):
+        new = ValueError(str(i))
+        new.__cause__ = exc
+        exc = new
+    assert privacy().format_exception(exc).count("ValueError") == 8
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"),
+    [("scrub", "no order {id} for {id} from 203.0.113.0"), ("keep", RAW_MESSAGE), ("drop", "")],
+)
+def test_scrub_event_exception_values_follow_the_rule(mode: str, value: str) -> None:
+    event = {"exception": {"values": [{"type": "RuntimeError", "value": RAW_MESSAGE}]}}
+    out = privacy(exception_messages=mode).scrub_event(event)
+    assert out["exception"]["values"][0] == {"type": "RuntimeError", "value": value}
+    assert IDENTIFIER == "{id}"

@@ -423,6 +423,69 @@ def test_recv_method_passes_arguments_through_and_looks_like_recv() -> None:
         _speedups.RecvMethod(42)  # type: ignore[arg-type]
 
 
+@needs_speedups
+def test_recv_method_reads_the_record_slot_it_was_given() -> None:
+    from ws_monitoring import _speedups
+
+    class Connection:
+        __slots__ = ("_ws_monitoring_record", "other")
+
+        async def recv(self, decode: bool | None = None) -> str:
+            return "message"
+
+    class Instrumented(Connection):
+        __slots__ = ()
+
+    Instrumented.recv = _speedups.RecvMethod(  # type: ignore[method-assign]
+        Connection.recv, record_slot=Connection.__dict__["_ws_monitoring_record"]
+    )
+    connection = Instrumented()
+    record = connection._ws_monitoring_record = _timed_record()
+    with pytest.raises(StopIteration):
+        connection.recv().send(None)
+    assert record.handling_start > 0
+    del connection._ws_monitoring_record
+    with pytest.raises(AttributeError, match="_ws_monitoring_record"):
+        connection.recv()
+    # Not an instance of the slot's class: the attribute is looked up as usual.
+    other = type("Other", (), {"_ws_monitoring_record": record})()
+    with pytest.raises(StopIteration):
+        Instrumented.recv(other).send(None)  # type: ignore[arg-type]
+    for wrong in (Connection.__dict__["other"], Connection.recv, 42):
+        with pytest.raises(TypeError, match="record_slot"):
+            _speedups.RecvMethod(Connection.recv, record_slot=wrong)
+
+
+@needs_speedups
+def test_a_done_recv_awaitable_nobody_holds_is_reused() -> None:
+    """One allocation per connection, not per message; one still held is never reused."""
+
+    async def message(text: str) -> str:
+        return text
+
+    record = _timed_record()
+    first = record.timed(message("a"))
+    with pytest.raises(StopIteration):
+        first.send(None)
+    first_id = id(first)
+    del first
+    second = record.timed(message("b"))
+    assert id(second) == first_id  # the same object, handed out again
+    with pytest.raises(StopIteration) as stop:
+        second.send(None)
+    assert stop.value.value == "b"
+    third = record.timed(message("c"))  # ``second`` is still held: a new one
+    assert third is not second
+    with pytest.raises(RuntimeError, match="already awaited"):
+        second.send(None)
+    with pytest.raises(StopIteration):
+        third.send(None)
+    # A done awaitable keeps no reference to its record: an idle record is no cycle.
+    import gc
+
+    assert record not in gc.get_referents(third)
+
+
 def test_monitors_and_records_are_collected() -> None:
     """The C layout refers back to its monitor (on_sent): the cycle must be collectable."""
     import gc

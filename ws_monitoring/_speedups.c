@@ -221,6 +221,7 @@ typedef struct {
     PyObject *tokens;             /* what message_started returned (see core.py) */
     long long sample_skip;        /* messages still NOT_SAMPLED without a call */
     PyObject *exemplar_trace_id;  /* set by a tracing sink for a kept span */
+    PyObject *timed;              /* the last timed() awaitable: reused once it is done */
     char in_op_binary, out_op_binary, fragmented, token_deferred;
 } CountsObject;
 
@@ -274,6 +275,7 @@ Counts_traverse(CountsObject *self, visitproc visit, void *arg)
     Py_VISIT(self->layout);
     Py_VISIT(self->tokens);
     Py_VISIT(self->exemplar_trace_id);
+    Py_VISIT(self->timed);
     return 0;
 }
 
@@ -282,6 +284,7 @@ Counts_clear(CountsObject *self)
 {
     Py_CLEAR(self->tokens);
     Py_CLEAR(self->exemplar_trace_id);
+    Py_CLEAR(self->timed);
     return 0;
 }
 
@@ -496,6 +499,10 @@ perf_counter(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* An awaitable around one recv() coroutine. ``record`` and ``inner`` are set while it
+ * is in use and cleared once it is done: a done awaitable that only its record holds
+ * (the record's ``timed`` cache) is reused for the next recv(), so that a message costs
+ * no allocation, and an idle record and its cached awaitable make no reference cycle. */
 typedef struct {
     PyObject_HEAD
     CountsObject *record;
@@ -603,13 +610,16 @@ Timed_am_send(TimedObject *self, PyObject *value, PyObject **result)
     PySendResult status = PyIter_Send(self->inner, value, result);
     if (status == PYGEN_RETURN) {
         Py_CLEAR(self->inner);
-        if (handled(self->record, *result) < 0) {
+        int failed = handled(self->record, *result) < 0;
+        Py_CLEAR(self->record);
+        if (failed) {
             Py_CLEAR(*result);
             return PYGEN_ERROR;
         }
     }
     else if (status == PYGEN_ERROR) {
         Py_CLEAR(self->inner);
+        Py_CLEAR(self->record);
     }
     return status;
 }
@@ -676,7 +686,10 @@ Timed_throw(TimedObject *self, PyObject *args)
     Py_DECREF(inner);
     if (result != NULL) return result; /* the coroutine caught it and waits again */
     Py_CLEAR(self->inner);
-    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) return NULL;
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        Py_CLEAR(self->record);
+        return NULL;
+    }
     /* The coroutine caught it and returned: the handler got a message after all. */
     PyObject *type, *exc, *tb;
     PyErr_Fetch(&type, &exc, &tb);
@@ -685,8 +698,13 @@ Timed_throw(TimedObject *self, PyObject *args)
     Py_XDECREF(type);
     Py_XDECREF(exc);
     Py_XDECREF(tb);
-    if (value == NULL) return NULL;
-    if (handled(self->record, value) < 0) {
+    if (value == NULL) {
+        Py_CLEAR(self->record);
+        return NULL;
+    }
+    int failed = self->record != NULL && handled(self->record, value) < 0;
+    Py_CLEAR(self->record);
+    if (failed) {
         Py_DECREF(value);
         return NULL;
     }
@@ -697,6 +715,7 @@ static PyObject *
 Timed_close(TimedObject *self, PyObject *unused)
 {
     PyObject *inner = self->inner;
+    Py_CLEAR(self->record);
     if (inner == NULL) Py_RETURN_NONE;
     self->inner = NULL;
     PyObject *result = PyObject_CallMethodNoArgs(inner, str_close);
@@ -813,11 +832,23 @@ static PyObject *
 Counts_timed(CountsObject *self, PyObject *inner)
 {
     if (handling_ended(self) < 0) return NULL;
-    TimedObject *timed = PyObject_GC_New(TimedObject, &TimedType);
-    if (timed == NULL) return NULL;
+    TimedObject *timed = (TimedObject *)self->timed;
+    if (timed != NULL && Py_REFCNT(timed) == 1 && timed->inner == NULL &&
+        timed->record == NULL) {
+        /* Done, and held by nobody else: no allocation for this message. */
+        Py_INCREF(timed);
+    }
+    else {
+        timed = PyObject_GC_New(TimedObject, &TimedType);
+        if (timed == NULL) return NULL;
+        timed->record = NULL;
+        timed->inner = NULL;
+        PyObject_GC_Track(timed);
+        /* The record keeps the newest: an old one someone still holds stays theirs. */
+        Py_XSETREF(self->timed, Py_NewRef(timed));
+    }
     timed->record = (CountsObject *)Py_NewRef(self);
     timed->inner = Py_NewRef(inner);
-    PyObject_GC_Track(timed);
     return (PyObject *)timed;
 }
 
@@ -829,6 +860,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *func;               /* websockets' own recv (a function of the base class) */
     vectorcallfunc vectorcall;
+    PyTypeObject *owner;          /* the class whose slot holds the record, or NULL */
+    Py_ssize_t offset;            /* that slot's offset in its instances */
 } RecvMethodObject;
 
 /* recv(connection, *args, **kwargs): websockets' recv(), timed by the record. */
@@ -841,8 +874,20 @@ RecvMethod_vectorcall(RecvMethodObject *self, PyObject *const *args, size_t narg
         PyErr_SetString(PyExc_TypeError, "recv() needs its connection");
         return NULL;
     }
-    PyObject *record = PyObject_GetAttr(args[0], str_record_attr);
-    if (record == NULL) return NULL;
+    PyObject *record;
+    if (self->owner != NULL && PyObject_TypeCheck(args[0], self->owner)) {
+        /* The record's slot, read as its member descriptor would, without the lookup. */
+        record = *(PyObject **)((char *)args[0] + self->offset);
+        if (record == NULL) {
+            PyErr_SetObject(PyExc_AttributeError, str_record_attr);
+            return NULL;
+        }
+        Py_INCREF(record);
+    }
+    else {
+        record = PyObject_GetAttr(args[0], str_record_attr);
+        if (record == NULL) return NULL;
+    }
     if (!PyObject_TypeCheck(record, &CountsType)) {
         PyErr_Format(PyExc_TypeError, "not a connection record: %R", record);
         Py_DECREF(record);
@@ -860,19 +905,40 @@ RecvMethod_vectorcall(RecvMethodObject *self, PyObject *const *args, size_t narg
     return timed;
 }
 
+/* RecvMethod(recv, record_slot=None): ``record_slot``, the member descriptor of a
+ * ``__slots__`` entry named _ws_monitoring_record, lets instances of its class skip the
+ * attribute lookup; others (e.g. a record in the instance dict) are looked up. */
 static PyObject *
 RecvMethod_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *func;
-    if (!PyArg_ParseTuple(args, "O:RecvMethod", &func)) return NULL;
+    static char *kwlist[] = {"recv", "record_slot", NULL};
+    PyObject *func, *slot = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:RecvMethod", kwlist, &func, &slot))
+        return NULL;
     if (!PyCallable_Check(func)) {
         PyErr_SetString(PyExc_TypeError, "RecvMethod() needs websockets' recv function");
         return NULL;
+    }
+    PyTypeObject *owner = NULL;
+    Py_ssize_t offset = 0;
+    if (slot != Py_None) {
+        PyMemberDef *member = Py_IS_TYPE(slot, &PyMemberDescr_Type)
+            ? ((PyMemberDescrObject *)slot)->d_member : NULL;
+        if (member == NULL || member->type != T_OBJECT_EX || (member->flags & READONLY) ||
+            PyUnicode_CompareWithASCIIString(PyDescr_NAME(slot), "_ws_monitoring_record") != 0) {
+            PyErr_SetString(PyExc_TypeError,
+                            "record_slot must be the __slots__ entry _ws_monitoring_record");
+            return NULL;
+        }
+        owner = PyDescr_TYPE(slot);
+        offset = member->offset;
     }
     RecvMethodObject *self = (RecvMethodObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->func = Py_NewRef(func);
     self->vectorcall = (vectorcallfunc)RecvMethod_vectorcall;
+    self->owner = (PyTypeObject *)Py_XNewRef((PyObject *)owner);
+    self->offset = offset;
     return (PyObject *)self;
 }
 
@@ -910,6 +976,7 @@ static int
 RecvMethod_traverse(RecvMethodObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->func);
+    Py_VISIT(self->owner);
     return 0;
 }
 
@@ -917,6 +984,7 @@ static int
 RecvMethod_clear(RecvMethodObject *self)
 {
     Py_CLEAR(self->func);
+    /* ``owner`` stays until dealloc: a call may still read its slot offset. */
     return 0;
 }
 
@@ -925,13 +993,15 @@ RecvMethod_dealloc(RecvMethodObject *self)
 {
     PyObject_GC_UnTrack(self);
     RecvMethod_clear(self);
+    Py_CLEAR(self->owner);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyTypeObject RecvMethodType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ws_monitoring._speedups.RecvMethod",
-    .tp_doc = PyDoc_STR("RecvMethod(recv): websockets' recv, timed by the connection's record."),
+    .tp_doc = PyDoc_STR("RecvMethod(recv, record_slot=None): websockets' recv, timed by the "
+                        "connection's record."),
     .tp_basicsize = sizeof(RecvMethodObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
                 Py_TPFLAGS_METHOD_DESCRIPTOR,

@@ -17,13 +17,16 @@ being held across read-modify-write.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import logging
 import math
 import os
+import threading
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -31,7 +34,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .config import Config
-from .labels import RouteMapper
+from .labels import RouteMapper, TenantMapper
 from .privacy import Client, Privacy
 from .typing import NOT_SAMPLED, Data, MessageSink, Sink
 
@@ -45,12 +48,18 @@ if TYPE_CHECKING:
 __all__ = [
     "HANDSHAKE_ATTR",
     "RECORD_ATTR",
+    "SHUTDOWN_TIMEOUT",
     "ConnectionRecord",
     "HandshakeRecord",
     "HistogramLayout",
     "Monitor",
+    "at_exit",
+    "forget_at_exit",
     "monitor_of",
     "record_of",
+    "run_until",
+    "shutdown_step",
+    "shutdown_timeout",
     "sum_counts",
 ]
 
@@ -346,6 +355,7 @@ class ConnectionRecord(_CountsBase):
         "request",
         "route",
         "subprotocol",
+        "tenant",
     )
 
     def __init__(self, monitor: Monitor) -> None:
@@ -356,6 +366,8 @@ class ConnectionRecord(_CountsBase):
         self.connection: Any = None
         self.path = ""
         self.route = ""
+        #: The bounded ``tenant`` label ("" without ``config.tenant``; see TenantMapper).
+        self.tenant = ""
         self.request: Request | None = None
         self.remote_address: Any = None
         self.subprotocol: str | None = None
@@ -369,9 +381,10 @@ class ConnectionRecord(_CountsBase):
         self.ping_data: bytes | None = None
         self.ping_sent_at = 0.0
         self.exemplars: dict[int, tuple[str, float, float]] | None = None
-        #: Close code the peer sent, even one websockets rejected as invalid (0: a close
-        #: frame too short to hold one); else the code the server sent (e.g. 1009 when it
-        #: failed the connection: websockets ignores the peer's answer then); else 1006.
+        #: What the close was, as websockets handled it: the code of the peer's close
+        #: frame when websockets accepted it; else the code the server sent (1002 for an
+        #: invalid close code, 1007 for a reason that is not UTF-8, 1009 when it failed
+        #: the connection: websockets ignores the peer's answer then); else 1006.
         self.close_code: int | None = None
         self.close_reason = ""
         self.error: BaseException | None = None
@@ -446,11 +459,10 @@ class ConnectionRecord(_CountsBase):
             self.add_rtt(_now() - self.ping_sent_at)
 
     def _close_frame(self, frame: Frame) -> None:
-        # The code the peer sent, kept even when websockets rejects the frame (an
-        # invalid code, a reason that is not UTF-8) and reports 1006; 0 when it is too
-        # short to hold one. A close frame it accepts wins (Monitor.closed).
-        data = frame.data
-        self.close_code = int.from_bytes(data[:2], "big") if len(data) > 1 else 0
+        # Nothing to keep: the close is read from the protocol once the connection is
+        # closed (Monitor.closed), as websockets handled it. A peer's close frame may
+        # still be rejected after this (an invalid code: the server then sends 1002).
+        pass
 
     # -- events from adapters -----------------------------------------------------------
 
@@ -710,6 +722,19 @@ def _frame_counter_class(monitor: Monitor) -> type[Any]:
     return FrameCounter
 
 
+#: HTTP statuses websockets' parser sends for requests it cannot read, by exception
+#: name (recent websockets releases; earlier ones close without an answer).
+_PARSER_ANSWERS = {"RequestLineTooLong": 414, "HeaderLineTooLong": 431, "TooManyHeaders": 431}
+
+
+def _parser_answer(error: BaseException | None) -> int | None:
+    """The status websockets answered a request it could not read with, or ``None``."""
+    for cls in type(error).__mro__:
+        if cls.__module__ == "websockets.exceptions" and cls.__name__ in _PARSER_ANSWERS:
+            return _PARSER_ANSWERS[cls.__name__]
+    return None
+
+
 #: Close codes the server sends when it fails a connection because of the peer.
 _FAILURE_CODES = {1002: "protocol_error", 1007: "invalid_payload", 1009: "message_too_big"}
 
@@ -759,6 +784,8 @@ class Monitor:
         self.config = config
         self.routes = RouteMapper(config)
         self.privacy = privacy if privacy is not None else Privacy(config)
+        #: The tenant label of a request, with ``config.tenant``; else None.
+        self.tenants = TenantMapper(config, self.privacy) if config.tenant is not None else None
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.message_sinks: tuple[MessageSink, ...] = tuple(
             s for s in sinks if isinstance(s, MessageSink)
@@ -832,8 +859,14 @@ class Monitor:
         failure: str | None = None,
         health_check: bool = False,
         remote_address: Any = None,
+        route: str | None = None,
     ) -> None:
-        """The handshake ended; ``failure`` names why when no response was sent."""
+        """The handshake ended; ``failure`` names why when no response was sent.
+
+        ``route``: the route template the application's framework matched (see
+        :mod:`ws_monitoring.adapters.asgi`), used instead of grouping the request path;
+        ``max_routes`` still applies.
+        """
         handshake.duration = _now() - handshake.started_at
         handshake.remote_address = remote_address
         handshake.request = request
@@ -844,13 +877,21 @@ class Monitor:
             handshake.path = request.path.split("?", 1)[0]
             # Rejected requests for arbitrary paths must not fill the bounded route table.
             route_of = self.routes if accepted else self.routes.peek
-            handshake.route = route_of(request.path)
+            if route is None:
+                handshake.route = route_of(request.path)
+            else:
+                handshake.route = route_of(route, grouped=True)
         if accepted:
             handshake.outcome = "accepted"
             handshake.status = 101
         elif response is not None and failure is None:
             handshake.outcome = "rejected"
             handshake.status = response.status_code
+        elif failure == "invalid_request" and (status := _parser_answer(error)) is not None:
+            # websockets' parser answered the unreadable request itself (no response
+            # object reaches the adapter): the client got that status, so do the sinks.
+            handshake.outcome = "rejected"
+            handshake.status = status
         else:
             handshake.outcome = "failed"
             handshake.failure = failure or "error"
@@ -878,6 +919,8 @@ class Monitor:
         record.connection = connection
         record.path = raw_path.split("?", 1)[0]
         record.route = handshake.route if handshake and handshake.route else self.routes(raw_path)
+        if self.tenants is not None:
+            record.tenant = self.tenants(request)
         record.request = request
         try:
             record.remote_address = connection.remote_address
@@ -914,36 +957,47 @@ class Monitor:
         """The connection is closed: finalize the record and hand it to the sinks."""
         record.message_done(None)
         record.closed_at = _now()
-        rcvd = protocol.close_rcvd
-        if rcvd is not None:
-            record.close_code = rcvd.code
-            record.close_reason = rcvd.reason
-        elif record.close_code is None:
-            # No close frame from the peer, not even one websockets rejected (see
-            # recv_frame): the code the server closed or failed the connection with (its
-            # parser ignores the peer's answer after a failure), else 1006.
-            sent = protocol.close_sent
-            record.close_code = sent.code if sent is not None else 1006
+        # What the server did, as the peer saw it: the peer's close frame when websockets
+        # accepted it; else the code the server closed or failed the connection with
+        # (1002 for a peer's invalid close code, 1007 for a reason that is not UTF-8: its
+        # parser ignores the peer's answer after a failure); else 1006.
+        close = protocol.close_rcvd or protocol.close_sent
+        if close is not None:
+            record.close_code = close.code
+            record.close_reason = close.reason
+        else:
+            record.close_code = 1006
         if record.error_type is None:
             record.error_type = classify_close(protocol)
         self._dispatch("connection_closed", record)
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Flush every sink within ``timeout`` seconds in total."""
-        deadline = _now() + timeout
-        for sink in self.sinks:
-            try:
-                sink.shutdown(max(0.0, deadline - _now()))
-            except Exception:
-                logger.exception("ws_monitoring sink %s.shutdown failed", type(sink).__name__)
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Flush every sink, side by side, within ``timeout`` seconds and within the
+        shared shutdown deadline (:func:`shutdown_step`): a sink stuck on the network
+        costs the others nothing."""
+        with shutdown_step(timeout) as deadline:
+            run_until(
+                deadline,
+                [(f"{type(sink).__name__}.shutdown", sink.shutdown) for sink in self.sinks],
+            )
 
 
 SinkFactory = Callable[[Config], Sink | None]
 
 
 def record_of(connection: Any) -> ConnectionRecord | None:
-    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet)."""
-    return getattr(connection, RECORD_ATTR, None)
+    """The record of an instrumented connection, or ``None`` (not instrumented, or not yet).
+
+    An ASGI connection (:mod:`ws_monitoring.adapters.asgi`) is found through its scope, or
+    an object holding it as ``scope`` (Starlette's and Quart's ``WebSocket``): the scope
+    keeps the adapter's connection under the same name.
+    """
+    record = getattr(connection, RECORD_ATTR, None)
+    if record is None:
+        scope = getattr(connection, "scope", connection)
+        if isinstance(scope, Mapping):
+            record = getattr(scope.get(RECORD_ATTR), RECORD_ATTR, None)
+    return record
 
 
 def monitor_of(target: Any) -> Monitor | None:
@@ -966,3 +1020,141 @@ def monitor_of(target: Any) -> Monitor | None:
         return None
     monitor = getattr(inner, "__ws_monitoring__", None)
     return monitor if isinstance(monitor, Monitor) else None
+
+
+# -- shutdown: one deadline for everything ws-monitoring does when the process stops ----------
+
+#: Seconds that stopping takes at most, in total, by default: flushing the sinks of a
+#: server that closes, then the exit hooks (span exporter, alert queues, log queue).
+#: ``WS_MONITORING_SHUTDOWN_TIMEOUT`` (seconds) overrides it.
+SHUTDOWN_TIMEOUT = 5.0
+
+#: A shutdown step that starts less than this many seconds after the previous one ended
+#: shares its deadline if that one ran out of time, or if this one is the interpreter's
+#: exit: a server's close then the exit are one shutdown, and a second close after one
+#: that was stuck does not wait again. Steps that start while another runs share too.
+SHUTDOWN_GAP = 1.0
+
+
+class _Shutdown:
+    """The last shutdown: its deadline (``time.monotonic()``), steps running, when the
+    last one ended and whether it ran out of time."""
+
+    lock = threading.Lock()
+    deadline = -math.inf
+    running = 0
+    ended = -math.inf
+    cut = False
+    warned = False
+
+
+def shutdown_timeout() -> float:
+    """The shutdown deadline in seconds: ``WS_MONITORING_SHUTDOWN_TIMEOUT`` if set to a
+    number of seconds (0 or more), else :data:`SHUTDOWN_TIMEOUT`; another value is logged
+    once and ignored."""
+    raw = os.environ.get("WS_MONITORING_SHUTDOWN_TIMEOUT", "").strip()
+    if not raw:
+        return SHUTDOWN_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        if not _Shutdown.warned:
+            _Shutdown.warned = True
+            logger.warning(
+                "WS_MONITORING_SHUTDOWN_TIMEOUT=%r is not a number of seconds: using %g s",
+                raw, SHUTDOWN_TIMEOUT,
+            )  # fmt: skip
+        return SHUTDOWN_TIMEOUT
+    return value
+
+
+@contextlib.contextmanager
+def shutdown_step(timeout: float | None = None, *, exiting: bool = False) -> Iterator[float]:
+    """One step of a shutdown (a server's close, an exit hook); yields its deadline, a
+    ``time.monotonic()`` value.
+
+    A new shutdown gets :func:`shutdown_timeout` seconds; steps of one shutdown (see
+    :data:`SHUTDOWN_GAP`) share its deadline. ``timeout`` (seconds) can only bring a
+    step's own deadline closer. ``exiting``: the step is the interpreter's exit.
+    """
+    now = time.monotonic()
+    with _Shutdown.lock:
+        recent = now - _Shutdown.ended < SHUTDOWN_GAP
+        if not _Shutdown.running and not (recent and (_Shutdown.cut or exiting)):
+            _Shutdown.deadline = now + shutdown_timeout()
+        _Shutdown.running += 1
+        deadline = _Shutdown.deadline
+    if timeout is not None:
+        deadline = min(deadline, now + max(0.0, timeout))
+    try:
+        yield deadline
+    finally:
+        with _Shutdown.lock:
+            _Shutdown.running -= 1
+            _Shutdown.ended = time.monotonic()
+            # Within a millisecond of its deadline: something it waited for did not finish.
+            _Shutdown.cut = _Shutdown.ended >= deadline - 0.001
+
+
+def run_until(deadline: float, calls: Sequence[tuple[str, Callable[[float], object]]]) -> bool:
+    """Call every ``call(seconds left)`` in a thread of its own and wait for them until
+    ``deadline`` (``time.monotonic()``). Returns whether all finished; a call that raises
+    is logged, one still running at the deadline is left to its (daemon) thread.
+
+    Where no thread can start (Python 3.12 refuses in exit hooks), the calls run one
+    after the other in this thread instead, each with what is left of the deadline.
+    """
+    threads = []
+    for name, call in calls:
+
+        def run(name: str = name, call: Callable[[float], object] = call) -> None:
+            try:
+                call(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                logger.exception("ws_monitoring sink %s failed", name)
+
+        thread = threading.Thread(target=run, name=f"ws-monitoring-shutdown-{name}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            run()
+            continue
+        threads.append((name, thread))
+    late = []
+    for name, thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            late.append(name)
+    if late:
+        logger.warning("ws_monitoring: %s still shutting down at the deadline", ", ".join(late))
+    return not late
+
+
+_exit_hooks: list[Callable[[float], object]] = []
+
+
+def at_exit(hook: Callable[[float], object]) -> None:
+    """Call ``hook(seconds left)`` when the interpreter exits, side by side with the
+    other hooks, within the shared shutdown deadline. Registering a hook twice is a no-op."""
+    with _Shutdown.lock:
+        if hook not in _exit_hooks:
+            _exit_hooks.append(hook)
+
+
+def forget_at_exit(hook: Callable[[float], object]) -> None:
+    """Undo :func:`at_exit` (a no-op for a hook not registered)."""
+    with _Shutdown.lock:
+        if hook in _exit_hooks:
+            _exit_hooks.remove(hook)
+
+
+@atexit.register
+def _run_exit_hooks() -> None:  # pragma: no cover - runs at exit (tested in a subprocess)
+    with _Shutdown.lock:
+        hooks = list(_exit_hooks)
+        _exit_hooks.clear()
+    if hooks:
+        with shutdown_step(exiting=True) as deadline:
+            run_until(deadline, [(getattr(h, "__qualname__", repr(h)), h) for h in hooks])

@@ -22,6 +22,12 @@ Defaults (no consent):
   are pseudonymized.
 * Query strings are dropped; ``Authorization``, ``Cookie``, ``Sec-WebSocket-Key`` and
   token-like fields are never emitted; payloads are never emitted.
+* Paths (``url.path``, URL fields, the default route) keep their words; segments that
+  look like identifiers become ``{id}`` (:func:`safe_path`, rule table in
+  :func:`is_identifier`).
+* Exception messages, wherever a sink shows one (logs, spans, Sentry), follow
+  ``config.exception_messages`` (:meth:`Privacy.exception_text`); type and stack frames
+  are always shown. Alertmanager alerts name exception types only, never a message.
 
 Consent purposes (:data:`PURPOSES`): ``"ip"`` (raw client IP), ``"user"`` (raw user id),
 ``"payload"`` (message payloads in DEBUG logs, truncated to ``config.log_payloads``).
@@ -58,13 +64,16 @@ import os
 import re
 import secrets
 import threading
+import traceback
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from .config import Config
 
 __all__ = [
+    "IDENTIFIER",
     "JOURNAL_LOGGER",
     "MAX_SCRUB_LENGTH",
     "NO_CONSENT",
@@ -76,6 +85,10 @@ __all__ = [
     "Client",
     "Consent",
     "Privacy",
+    "exception_type",
+    "is_identifier",
+    "mask_identifiers",
+    "safe_path",
     "truncate_ip",
 ]
 
@@ -138,7 +151,7 @@ class Consent:
 NO_CONSENT = Consent()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: one per connection, kept small
 class Client:
     """What sinks may emit about a client: anonymized unless consented.
 
@@ -599,6 +612,91 @@ class Privacy:
             text = _IPV4.sub(self._replace_ip, text)
         return text
 
+    def scrub_url(self, url: str) -> str:
+        """A URL or path safe to emit: no query, fragment or credentials; its path
+        through :func:`safe_path` (identifier-like segments become ``{id}``); the
+        rest of the URL through :meth:`scrub_text`."""
+        url = url.split("?", 1)[0].split("#", 1)[0]
+        if url.startswith("/"):
+            return safe_path(url)
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return self.scrub_text(url)
+        authority, slash, path = rest.partition("/")
+        origin = self.scrub_text(f"{scheme}://{authority.rpartition('@')[2]}")
+        return origin + safe_path("/" + path) if slash else origin
+
+    # -- exceptions: one rule for every sink ---------------------------------------------
+
+    def exception_text(self, message: str) -> str | None:
+        """An exception message as every sink may emit it (``config.exception_messages``).
+
+        ``"scrub"`` (default): through :meth:`scrub_text`, then every word the rule
+        table calls an identifier (:func:`is_identifier`, text rules) becomes ``{id}``.
+        ``"keep"``: as raised (lone surrogates replaced, cut to
+        :data:`MAX_SCRUB_LENGTH`): client data quoted in messages leaves the process.
+        ``"drop"``: ``None``, no message at all. Consent does not change it.
+        """
+        mode = self._config.exception_messages
+        if mode == "drop":
+            return None
+        if mode == "keep":
+            if len(message) > MAX_SCRUB_LENGTH:
+                message = message[:MAX_SCRUB_LENGTH] + "…[truncated]"
+            return _SURROGATE.sub("\ufffd", message)
+        return mask_identifiers(self.scrub_text(message))
+
+    def exception_message(self, exc: BaseException) -> str | None:
+        """:meth:`exception_text` of ``str(exc)``; ``None`` when dropped or empty."""
+        try:
+            text = str(exc)
+        except Exception:
+            return None
+        return self.exception_text(text) or None
+
+    def exception_summary(self, exc: BaseException) -> str:
+        """``Type: message`` (:meth:`exception_message`), or ``Type`` without a message.
+
+        The type is qualified by its module unless it is a builtin, as tracebacks show it.
+        """
+        name = exception_type(exc)
+        message = self.exception_message(exc)
+        return name if message is None else f"{name}: {message}"
+
+    def format_exception(self, exc: BaseException) -> str:
+        """A traceback of ``exc`` and the exceptions it chains, messages by the rule.
+
+        Stack frames (file, line, function, source line) as :mod:`traceback` shows
+        them, through :meth:`scrub_text` (source lines may hold literals), at most 32
+        per exception and 8 exceptions; each exception line is
+        :meth:`exception_summary`. No final newline, as ``logging`` formats them.
+        """
+        chain: list[tuple[BaseException, str]] = []
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        link = ""
+        while current is not None and id(current) not in seen and len(chain) < _MAX_CHAIN:
+            seen.add(id(current))
+            chain.append((current, link))
+            if current.__cause__ is not None:
+                current, link = current.__cause__, _CAUSE
+            elif current.__context__ is not None and not current.__suppress_context__:
+                current, link = current.__context__, _CONTEXT
+            else:
+                current = None
+        parts: list[str] = []
+        # Oldest first, as Python prints them; each one's link says how the next one
+        # (newer) relates to it.
+        for index, (item, _) in enumerate(reversed(chain)):
+            if index:
+                parts.append(chain[len(chain) - index][1])
+            if item.__traceback__ is not None:
+                frames = traceback.format_tb(item.__traceback__, limit=-_MAX_FRAMES)
+                parts.append("Traceback (most recent call last):\n")
+                parts.append(self.scrub_text("".join(frames)))
+            parts.append(self.exception_summary(item) + "\n")
+        return "".join(parts)[:-1]
+
     def scrub(self, mapping: Mapping[Any, Any], *, keep: Iterable[str] = ()) -> dict[str, Any]:
         """A copy of ``mapping`` safe to emit; the input is not modified.
 
@@ -641,7 +739,7 @@ class Privacy:
         if (last in _USER_KEYS or _USER_PATH.search(path)) and not isinstance(value, Mapping):
             return self._scrub_users(value, depth)
         if last in _URL_KEYS and isinstance(value, str):
-            return self.scrub_text(value.split("?", 1)[0])
+            return self.scrub_url(value)
         return self._scrub_value(value, depth, path)
 
     def _scrub_value(self, value: Any, depth: int, path: str = "") -> Any:
@@ -710,7 +808,7 @@ class Privacy:
             elif key == "breadcrumbs":
                 result[key] = self._scrub_breadcrumbs(value)
             elif key == "transaction" and isinstance(value, str):
-                result[key] = self.scrub_text(value.split("?", 1)[0])
+                result[key] = self.scrub_url(value)
             else:
                 out = self._scrub_item(key, value, 0)
                 if out is not _DROP:
@@ -723,7 +821,7 @@ class Privacy:
             if key in ("query_string", "cookies", "data"):
                 continue
             if key == "url" and isinstance(value, str):
-                result[key] = self.scrub_text(value.split("?", 1)[0])
+                result[key] = self.scrub_url(value)
             elif key in ("headers", "env") and isinstance(value, Mapping):
                 result[key] = self.scrub(value)
             elif key == "method":
@@ -762,7 +860,7 @@ class Privacy:
                 continue
             entry = dict(item)
             if isinstance(entry.get("value"), str):
-                entry["value"] = self.scrub_text(entry["value"])
+                entry["value"] = self.exception_text(entry["value"]) or ""
             stacktrace = entry.get("stacktrace")
             if isinstance(stacktrace, Mapping):
                 frames = stacktrace.get("frames")
@@ -788,6 +886,151 @@ class Privacy:
 
 
 _DROP: Any = object()
+
+_MAX_CHAIN = 8
+_MAX_FRAMES = 32
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def exception_type(exc: BaseException) -> str:
+    """The exception's class, qualified by its module unless a builtin (or ``__main__``)."""
+    cls = type(exc)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# -- identifiers: one rule table for routes, url.path and exception messages ----------------
+
+#: What an identifier-like path segment or word of text becomes.
+IDENTIFIER = "{id}"
+#: What the path segments past :data:`MAX_PATH_SEGMENTS` or the length budget become.
+REST = "{rest}"
+#: Path segments kept before the rest is folded into ``{rest}``.
+MAX_PATH_SEGMENTS = 16
+#: Segments or words longer than this are identifiers, whatever they hold.
+MAX_WORD_LENGTH = 32
+
+_NUMBER = re.compile(r"[+-]?[0-9][0-9.,:_-]*")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{8,}")
+_PATH_WORD = re.compile(r"[A-Za-z0-9._~-]+")
+_DIGIT = re.compile(r"[0-9]")
+_SEGMENT = re.compile(r"[^/]+")
+# Changes of character class: random strings are full of them, words are not.
+_JUMP = re.compile(r"[a-z](?=[A-Z])|[A-Za-z](?=[0-9])|[0-9](?=[A-Za-z])")
+# A word of free text, as the rule table judges it in exception messages.
+_TEXT_WORD = re.compile(r"[^\s/\\'\"`()\[\]{}<>,;|!?#&*^$]+")
+
+
+def is_identifier(word: str, *, path: bool = True) -> bool:
+    """Whether ``word`` may identify someone or something: the rule table.
+
+    ``word`` is a percent-decoded path segment (``path=True``) or a word of free text
+    (``path=False``: small numbers and non-ASCII words are then ordinary words). The
+    first matching rule decides:
+
+    ====  ====================================================  ===========================
+    rule  an identifier when the word...                        examples
+    ====  ====================================================  ===========================
+    1     is longer than 32 characters (every JWT, UUIDs        ``eyJhbGci….eyJzdWIi….sig``,
+          with dashes, long base64 or hex)                      ``3f2b8c1e-9d4a-4c1b-…``
+    2     contains ``@`` (emails, ``user@host``)                ``alice@example.com``
+    3     has 3 or more digits                                  ``room123``, ``a1b2c3``,
+                                                                ``+15551234``
+    4     (path) is a number: a digit, then digits and          ``7``, ``42``, ``1.5``,
+          ``.,:_-``                                             ``2024-01-31``
+    5     is 8+ hex digits, one at least a digit (UUIDs         ``5f3a9c21``, ``deadbee1``
+          without dashes, hashes, ids)
+    6     (path) holds anything but ASCII letters, digits,      ``josé``, ``a+b``, ``a b``,
+          ``-``, ``_``, ``.``, ``~`` (base64 ``+/=``, spaces,   ``dGVzdA==``, ``a%2Fb``
+          non-ASCII, control characters, an encoded ``/``)
+    7     has 8+ characters and 3+ class changes                ``aZbYcXdW``, ``kQzPwMvN``
+          (lower→upper, letter↔digit), at least one every
+          4 characters: random-looking
+    —     otherwise it is a word, kept                          ``rooms``, ``v1``, ``feed``,
+                                                                ``socket.io``, ``getUser``
+    ====  ====================================================  ===========================
+
+    Plain words stay, whatever they mean: a user *name* made of letters (``/u/alice``)
+    looks like any other word. Paths that carry such names need ``routes=``.
+    """
+    n = len(word)
+    if n > MAX_WORD_LENGTH or "@" in word:
+        return True
+    digits = len(_DIGIT.findall(word))
+    if digits >= 3 or (digits and path and _NUMBER.fullmatch(word)):
+        return True
+    if digits and n >= 8 and _HEX_RUN.fullmatch(word):
+        return True
+    if path and not _PATH_WORD.fullmatch(word):
+        return True
+    if n >= 8:
+        jumps = len(_JUMP.findall(word))
+        if jumps >= 3 and jumps * 4 >= n:
+            return True
+    return False
+
+
+def safe_path(path: str, *, max_length: int = 128) -> str:
+    """``path`` with every segment that may carry an identifier replaced by ``{id}``.
+
+    The default route grouping, and what spans and logs show as a path. The query
+    string and fragment are dropped; each segment is percent-decoded, then judged by
+    :func:`is_identifier` (a kept segment is shown decoded); empty segments (``//``)
+    are dropped, a trailing ``/`` is kept. Past :data:`MAX_PATH_SEGMENTS` segments, or
+    past ``max_length`` characters, the rest becomes one ``{rest}``. The result starts
+    with ``/`` and holds only ASCII letters, digits, ``-_.~/`` and placeholders.
+
+    Linear in the length of ``path``, and it stops at the first segment that does not fit.
+    """
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    budget = max_length - len(REST) - 1
+    out: list[str] = []
+    size = 0
+    rest = False
+    for found in _SEGMENT.finditer(path):
+        raw = found.group(0)
+        if len(out) == MAX_PATH_SEGMENTS:
+            rest = True
+            break
+        if len(raw) > 3 * MAX_WORD_LENGTH:
+            # Longer than any word even once decoded: not worth decoding.
+            segment = IDENTIFIER
+        else:
+            word = unquote(raw, errors="replace") if "%" in raw else raw
+            segment = IDENTIFIER if is_identifier(word) else word
+        size += len(segment) + 1
+        if size > budget:
+            rest = True
+            break
+        out.append(segment)
+    if rest:
+        out.append(REST)
+    route = "/" + "/".join(out)
+    return route + "/" if path.endswith("/") and out and not rest else route
+
+
+def mask_identifiers(text: str) -> str:
+    """``text`` with each word that :func:`is_identifier` (text rules) flags made ``{id}``.
+
+    Words that are IP addresses are left alone: :meth:`Privacy.scrub_text` has already
+    anonymized them.
+    """
+    return _TEXT_WORD.sub(_mask_word, text)
+
+
+def _mask_word(match: re.Match[str]) -> str:
+    word = match.group(0)
+    if not is_identifier(word, path=False):
+        return word
+    for candidate in (word, word.rstrip(":.")):
+        try:
+            _parse_ip(candidate)
+        except ValueError:
+            continue
+        return word
+    return IDENTIFIER
 
 
 def _check_version(policy_version: Any) -> None:

@@ -608,3 +608,69 @@ def assert_sampling_calls(
     assert all(r.exc_info for r in caplog.records if "ws_monitoring sink" in r.getMessage())
     assert record.exemplars is not None
     assert ("ab" * 16) in [e[0] for e in record.exemplars.values()]
+
+
+# -- instrument() on websockets' own serve: the class-level recv, no per-connection hooks --
+
+
+class _RefusesSubclasses(ServerConnection):
+    """A connection class that cannot be subclassed: ws-monitoring falls back to hooks."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        raise TypeError("final class")
+
+
+@pytest.mark.parametrize("connection_class", [None, "user subclass", _RefusesSubclasses])
+async def test_instrument_on_websockets_serve_times_recv_at_class_level(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples], connection_class: Any
+) -> None:
+    """The connection moves to a timed subclass of its class: same names, no new method
+    on the instance, one class for every connection; counted and timed either way."""
+    from ws_monitoring import instrument
+    from ws_monitoring.core import SPEEDUPS, _speedups
+
+    class AppConnection(ServerConnection):
+        def greeting(self) -> str:
+            return "hi"
+
+    base = AppConnection if connection_class == "user subclass" else connection_class
+    seen: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        kind = type(ws)
+        seen.append(
+            {
+                "class": kind,
+                "names": (kind.__name__, kind.__qualname__, kind.__module__),
+                "repr": repr(ws).split(" object at ")[0],
+                "on the instance": sorted(k for k in vars(ws) if k in ("recv", "recv_streaming")),
+                "recv": kind.__dict__.get("recv"),
+            }
+        )
+        greeting = getattr(ws, "greeting", None)
+        async for message in ws:
+            await ws.send(greeting() if greeting else message)
+
+    kwargs = {"create_connection": base} if base is not None else {}
+    expected = base or ServerConnection
+    async with async_server(instrument(handler, registry=registry), **kwargs) as srv:
+        for _ in range(2):
+            async with connect(srv.url("/i")) as client:
+                await client.send("x")
+                assert await client.recv() == ("hi" if base is AppConnection else "x")
+        samples = await settled(scrape_metrics, 2)
+    assert samples["websocket_message_duration_seconds_count", {"route": "/i"}] == 2
+    labels = {"route": "/i", "direction": "received", "type": "text"}
+    assert samples["websocket_messages_total", labels] == 2
+    first, second = seen
+    if expected is _RefusesSubclasses:
+        assert first["class"] is _RefusesSubclasses
+        assert first["on the instance"] == ["recv", "recv_streaming"]
+        return
+    assert first["class"] is second["class"]
+    assert first["class"].__mro__[1] is expected
+    assert first["names"] == (expected.__name__, expected.__qualname__, expected.__module__)
+    assert first["repr"] == f"<{expected.__module__}.{expected.__qualname__}"
+    assert first["on the instance"] == []
+    if SPEEDUPS:
+        assert isinstance(first["recv"], _speedups.RecvMethod)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +25,11 @@ import ws_monitoring
 from tests.helpers.scrape import Samples, scrape
 from tests.helpers.servers import async_server, settled, settled_sync, sync_server
 from ws_monitoring.adapters.instrument import build_monitor
-from ws_monitoring.config import Config
+from ws_monitoring.config import OPTION_NAMES, Config
 from ws_monitoring.core import ConnectionRecord, HandshakeRecord, Monitor
 from ws_monitoring.metrics import MetricsSink
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def echo(ws: ServerConnection) -> None:
@@ -157,24 +167,52 @@ def test_options_twice_raise() -> None:
         ws_monitoring.serve_sync(sync_once, "127.0.0.1", 0, max_routes=3)
 
 
+UNKNOWN = [
+    ("instrument", lambda **kw: ws_monitoring.instrument(echo, **kw)),
+    ("instrument", lambda **kw: ws_monitoring.instrument(**kw)),
+    ("serve", lambda **kw: ws_monitoring.serve(echo, "127.0.0.1", 0, **kw)),
+    ("serve_sync", lambda **kw: ws_monitoring.serve_sync(sync_echo, "127.0.0.1", 0, **kw)),
+]
+
+
 @pytest.mark.parametrize(
-    "call",
+    ("keyword", "message"),
     [
-        lambda: ws_monitoring.instrument(echo, colour="blue"),
-        lambda: ws_monitoring.instrument(colour="blue"),
+        ("rutes", "unknown option 'rutes'; did you mean 'routes'?"),
+        ("sample_ratio", "unknown option 'sample_ratio'; it is an argument of "
+         "ws_monitoring.setup_tracing()"),
+        ("colour", "unknown option 'colour'"),
     ],
-    ids=["direct", "decorator"],
-)
-def test_unknown_option_raises_type_error(call: Callable[[], Any]) -> None:
-    with pytest.raises(TypeError, match="unknown ws_monitoring option\\(s\\): colour"):
-        call()
+)  # fmt: skip
+@pytest.mark.parametrize(("where", "call"), UNKNOWN, ids=["direct", "decorator", "serve", "sync"])
+def test_unknown_options_raise_at_the_call(
+    where: str, call: Callable[..., Any], keyword: str, message: str
+) -> None:
+    # At the call, not when the server starts: serve() here runs without an event loop.
+    with pytest.raises(TypeError, match=re.escape(f"{where}(): {message}")):
+        call(**{keyword: ["/x"]})
 
 
-async def test_serve_passes_unknown_keywords_to_websockets() -> None:
-    # What is not a ws_monitoring option goes to websockets' serve, which refuses it.
-    with pytest.raises(TypeError, match="colour"):
-        async with ws_monitoring.serve(echo, "127.0.0.1", 0, colour="blue"):
-            pass
+def test_a_misspelled_websockets_keyword_is_named_too() -> None:
+    with pytest.raises(TypeError, match=r"'ping_intervall'; did you mean 'ping_interval'\?"):
+        ws_monitoring.serve(echo, "127.0.0.1", 0, ping_intervall=5)
+    with pytest.raises(TypeError, match=r"'reuseport'; did you mean 'reuse_port'\?"):
+        ws_monitoring.serve_sync(sync_echo, "127.0.0.1", 0, reuseport=True)
+
+
+async def test_websockets_own_keywords_pass_through(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    # serve()'s, and those websockets hands to loop.create_server / socket.create_server.
+    async with ws_monitoring.serve(
+        echo, "127.0.0.1", 0, registry=registry, compression=None, backlog=10, reuse_port=True
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        await exchange(f"ws://127.0.0.1:{port}/kw")
+    with sync_server(sync_echo, monitoring={"registry": registry}, backlog=10) as srv:
+        exchange_sync(srv.url("/kw"))
+    samples = settled_sync(scrape_metrics, 2)
+    assert samples["websocket_connections_total", {"route": "/kw"}] == 2
 
 
 def test_invalid_option_value_raises_value_error() -> None:
@@ -226,3 +264,99 @@ def test_serve_sync_accepts_an_instrumented_handler(
         exchange_sync(srv.url("/s"))
     samples = settled_sync(scrape_metrics, 1)
     assert_echo_counted(samples, route="/s", handshakes=1)
+
+
+# -- config=, typed options ----------------------------------------------------------------
+
+
+async def test_config_object_is_accepted_everywhere(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    config = Config(registry=registry, routes=["/rooms/{id}"], log_lifecycle=False)
+    handler = ws_monitoring.instrument(echo, config=config)
+    assert handler.__ws_monitoring__.config is config  # type: ignore[attr-defined]
+    # Keywords given with config= replace its fields.
+    changed = ws_monitoring.instrument(config=config, max_routes=3)(echo)
+    assert changed.__ws_monitoring__.config == dataclasses.replace(config, max_routes=3)
+    async with ws_monitoring.serve(echo, "127.0.0.1", 0, config=config) as server:
+        port = server.sockets[0].getsockname()[1]
+        await exchange(f"ws://127.0.0.1:{port}/rooms/1")
+    with sync_server(sync_echo, monitoring={"config": config}) as srv:
+        exchange_sync(srv.url("/rooms/2"))
+    samples = settled_sync(scrape_metrics, 2)
+    assert samples["websocket_connections_total", {"route": "/rooms/{id}"}] == 2
+    with pytest.raises(TypeError, match=r"config: expected a ws_monitoring\.Config"):
+        ws_monitoring.instrument(echo, config={"routes": ["/x"]})  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"not both \(got config\)"):
+        ws_monitoring.serve_sync(ws_monitoring.instrument(sync_echo), "127.0.0.1", 0, config=config)
+
+
+def test_the_four_signatures_list_configs_options() -> None:
+    """instrument() (both forms), serve() and serve_sync() take Config's fields, typed alike."""
+    from typing import get_overloads
+
+    def options(function: Callable[..., Any]) -> list[tuple[str, Any]]:
+        parameters = inspect.signature(function).parameters.values()
+        return [(p.name, p.annotation) for p in parameters if p.kind is p.KEYWORD_ONLY]
+
+    lists = [options(f) for f in (*get_overloads(ws_monitoring.instrument), ws_monitoring.serve)]
+    lists.append(options(ws_monitoring.serve_sync))
+    assert all(found == lists[0] for found in lists)
+    assert [name for name, _ in lists[0]] == ["config", *OPTION_NAMES]
+    for name, annotation in lists[0][1:]:
+        field = Config.__dataclass_fields__[name].type
+        # Each typed as the field is; a sequence where the field holds a tuple.
+        assert annotation == field.replace("tuple[float, ...]", "Sequence[float]"), name
+
+
+def test_mypy_strict_rejects_unknown_and_mistyped_options(tmp_path: Path) -> None:
+    source = tmp_path / "app.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import ws_monitoring
+
+            async def handler(ws: object) -> None: ...
+
+            ws_monitoring.instrument(handler, routes=["/a/{x}"], max_routes=100)
+            ws_monitoring.instrument(handler, rutes=["/a"])  # line 7
+            ws_monitoring.instrument(max_routes="100")  # line 8
+            ws_monitoring.serve(handler, "", 0, max_routes="100")  # line 9
+            ws_monitoring.serve_sync(lambda ws: None, "", 0, metrics="no")  # line 10
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--follow-imports=silent",
+         "--cache-dir", str(tmp_path / "cache"), str(source)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "MYPYPATH": str(ROOT)},
+    )  # fmt: skip
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert sorted({int(line.split(":")[1]) for line in errors}) == [7, 8, 9, 10], result.stdout
+    assert 'Unexpected keyword argument "rutes"' in result.stdout
+
+
+# -- websockets.legacy ----------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_legacy_server_runs_unmonitored_and_says_so(
+    registry: CollectorRegistry,
+    scrape_metrics: Callable[[], Samples],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not supported (deprecated upstream): never in the app's way, one error naming the way out."""
+    import websockets.legacy.server
+
+    handler = ws_monitoring.instrument(echo, registry=registry)
+    async with websockets.legacy.server.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(2):
+            await exchange(f"ws://127.0.0.1:{port}/legacy")  # echoed: no 1011
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert "websockets.legacy.server.serve is not supported" in errors[0]
+    assert "migrate to websockets.asyncio.server.serve" in errors[0]
+    assert "howto/upgrade.html" in errors[0]
+    assert scrape_metrics().total("websocket_connections_total") == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -384,3 +384,97 @@ def test_one_message_sink_gets_exactly_the_calls_it_asked_for(
     wait_until(lambda: any(call == "finished" and t == "token b" for call, t in sink.calls))
     [record] = records
     assert_sampling_calls(sink, SAMPLING_MESSAGES, caplog, record)
+
+
+class OpensLate(ServerConnection):
+    """Keeps websockets from calling the handler until the client's first frames are parsed.
+
+    What a busy server does by chance: the reader thread parses what a client sends
+    right after its handshake (subscribe, authenticate) before the handler starts.
+    """
+
+    #: Frames the reader thread must have queued before the handshake returns.
+    queued = 3
+
+    def handshake(self, *args: Any, **kwargs: Any) -> None:
+        super().handshake(*args, **kwargs)
+        frames = self.recv_messages.frames
+        wait_until(lambda: frames.qsize() >= self.queued, what="the first frames to be parsed")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["echo", "crash"])
+def test_instrument_on_plain_serve_counts_frames_parsed_before_the_handler(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples], crash: bool
+) -> None:
+    import ws_monitoring
+
+    started = threading.Event()
+
+    def handler(ws: ServerConnection) -> None:
+        started.set()
+        for message in ws:
+            if crash:
+                raise ValueError("bad message")
+            ws.send(message)
+
+    def fragments() -> Iterator[str]:
+        yield "frag"  # parsed before the handler starts...
+        started.wait(10)
+        yield "mented"  # ...and the rest of the message after.
+
+    instrumented = ws_monitoring.instrument(handler, registry=registry)
+    with (
+        sync_server(instrumented, create_connection=OpensLate) as srv,
+        connect(srv.url("/late")) as client,
+    ):
+        client.send("first")
+        client.send(b"\x00\x01")
+        client.send(fragments())
+        if not crash:
+            assert [client.recv(), client.recv(), client.recv()] == ["first", b"\0\1", "fragmented"]
+    samples = settled_sync(scrape_metrics, 1)
+    if crash:
+        # The handler crashed on the first message: every message was still received.
+        assert samples["websocket_errors_total", {"route": "/late", "type": "handler_exception"}]
+    assert messages(samples, "/late", "received", "text") == 2
+    assert messages(samples, "/late", "received", "binary") == 1
+    assert size(samples, "/late", "received") == (3, len("first") + 2 + len("fragmented"))
+    assert messages(samples, "/late", "sent", "text") == (0 if crash else 2)
+
+
+def test_instrument_on_plain_serve_with_unknown_internals_says_where_counts_are_exact(
+    registry: CollectorRegistry,
+    scrape_metrics: Callable[[], Samples],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ws_monitoring
+    from ws_monitoring.adapters import sync
+
+    class Events(list[Any]):
+        """Not the list websockets uses: like a release whose internals differ."""
+
+    class Unknown(ServerConnection):
+        def handshake(self, *args: Any, **kwargs: Any) -> None:
+            super().handshake(*args, **kwargs)
+            self.protocol.events = Events()
+
+    def echo(ws: ServerConnection) -> None:
+        ws.send("ready")
+        for message in ws:
+            ws.send(message)
+
+    monkeypatch.setattr(sync, "_warned_internals", False)
+    instrumented = ws_monitoring.instrument(echo, registry=registry)
+    for _ in range(2):
+        with (
+            sync_server(instrumented, create_connection=Unknown) as srv,
+            connect(srv.url("/u")) as client,
+        ):
+            assert client.recv() == "ready"
+            client.send("x")
+            assert client.recv() == "x"
+    samples = settled_sync(scrape_metrics, 2)
+    assert messages(samples, "/u", "received", "text") == 2
+    warnings = [r for r in caplog.records if "serve_sync counts them all" in r.getMessage()]
+    assert len(warnings) == 1

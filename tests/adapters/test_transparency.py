@@ -1,8 +1,9 @@
 """Instrumentation changes nothing a client or a handler can observe.
 
 Each scenario runs twice against the same handler — once on a bare ``websockets``
-server, once on an instrumented one — for both the asyncio and the threading server,
-and what the clients and the handler saw must be identical. Each scenario also checks
+server, once on an instrumented one — for the asyncio server (``ws_monitoring.serve``,
+and ``instrument()`` on websockets' own ``serve``) and the threading server, and what
+the clients and the handler saw must be identical. Each scenario also checks
 the expected observation, so two identically broken servers would not pass.
 """
 
@@ -24,8 +25,10 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import ServerConnection as SyncServerConnection
 
 from tests.helpers.servers import RawClient, Running, async_server, frame, sync_server_async
+from ws_monitoring import instrument
 
-KINDS = ["asyncio", "sync"]
+#: ``asyncio-instrument``: websockets' own ``serve`` with a handler ``instrument()`` wrapped.
+KINDS = ["asyncio", "asyncio-instrument", "sync"]
 
 
 @dataclasses.dataclass
@@ -49,7 +52,10 @@ async def run(
     seen: list[Any] = []
     handler = make_handler(seen)
     monitoring = {"registry": CollectorRegistry()} if instrumented else None
-    if kind == "asyncio":
+    if kind == "asyncio-instrument":
+        aio = instrument(handler.aio, **monitoring) if monitoring else handler.aio
+        server = async_server(aio, **server_kwargs)
+    elif kind == "asyncio":
         server = async_server(handler.aio, monitoring=monitoring, **server_kwargs)
     else:
         server = sync_server_async(handler.sync, monitoring=monitoring, **server_kwargs)
@@ -162,6 +168,9 @@ def common_view(ws: Any, server: Any, port: int) -> dict[str, Any]:
         "subprotocol": ws.subprotocol,
         "state": ws.state.name,
         "close_code before close": ws.close_code,
+        # websockets' own attributes, and no method shadowed on the instance (the record,
+        # which the instrumented connection keeps, is ws-monitoring's only addition).
+        "instance attributes": sorted(k for k in vars(ws) if not k.startswith("_ws_monitoring")),
     }
 
 
@@ -363,7 +372,7 @@ async def test_the_handler_view_of_its_connection(kind: str) -> None:
 
     saw, seen = await compare(kind, introspect, scenario, subprotocols=["p"])
     assert saw == ["x"]
-    ping_type = "Future" if kind == "asyncio" else "Event"
+    ping_type = "Future" if kind != "sync" else "Event"
     assert seen == [
         {
             "is ServerConnection": True,
@@ -375,11 +384,14 @@ async def test_the_handler_view_of_its_connection(kind: str) -> None:
             "subprotocol": "p",
             "send returns": None,
             "ping returns": ping_type,
-            "pong gives": "float" if kind == "asyncio" else True,
+            "pong gives": "float" if kind != "sync" else True,
             "state": "OPEN",
             "close_code before close": None,
+            "instance attributes": seen[0]["instance attributes"],
         }
     ]
+    assert "recv" not in seen[0]["instance attributes"]
+    assert "protocol" in seen[0]["instance attributes"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -415,7 +427,7 @@ async def test_server_shutdown_closes_with_1001(kind: str) -> None:
         client = await connect(srv.url())
         await client.send("hello")
         assert await client.recv() == "hello"
-        if kind == "asyncio":
+        if kind != "sync":
             srv.server.close()
         else:
             threading.Thread(target=srv.server.shutdown).start()

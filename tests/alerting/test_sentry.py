@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -60,9 +61,9 @@ class Closed:
         pass
 
 
-def sentinel(receiver: SentryReceiver) -> list[dict[str, Any]]:
+def sentinel(receiver: SentryReceiver, alerter: SentryAlerter) -> list[dict[str, Any]]:
     """Every event captured so far, proven complete by a sentinel (see ``drain``)."""
-    return receiver.drain()
+    return receiver.drain(alerter)
 
 
 def crumbs(event: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,7 +134,7 @@ async def test_handler_crash_is_one_complete_event(
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, environment="test", release="1.2.3", registry=registry)
     connection_id, server = await crash_once(alerter)
-    events = await asyncio.to_thread(sentinel, receiver)
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
 
     # One event per crash: the handler_crashed and "connection handler failed" log
     # records of the same exception are not reported again.
@@ -190,7 +191,7 @@ async def test_consented_connection_gets_payload_breadcrumbs_and_raw_user(
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, registry=registry, payload_bytes=3)
     await crash_once(alerter, consent=frozenset({"payload", "user"}))
-    events = await asyncio.to_thread(sentinel, receiver)
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
     assert len(events) == 1
     assert crumbs(events[0]) == [
         {"direction": "in", "type": "text", "size": 5, "payload": "hel"},
@@ -207,7 +208,7 @@ async def test_breadcrumbs_keep_the_last_frames_only(
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, registry=registry, max_frames=2)
     await crash_once(alerter)
-    events = await asyncio.to_thread(sentinel, receiver)
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
     assert crumbs(events[0]) == [
         {"direction": "out", "type": "binary", "size": 2},
         {"direction": "in", "type": "text", "size": 4},
@@ -242,7 +243,7 @@ async def test_normal_closes_closed_ok_and_resets_produce_no_event(
         async with connect(f"{url}/reset-error") as client:
             with contextlib.suppress(ConnectionClosed):
                 await client.recv()
-    events = await asyncio.to_thread(sentinel, receiver)
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
     assert events == []
 
 
@@ -276,7 +277,7 @@ def test_sync_server_crash_runs_in_the_connection_scope(
         wait_until(lambda: closed.count == 1, what="the connection closed")
     finally:
         server.shutdown()
-    events = sentinel(receiver)
+    events = sentinel(receiver, alerter)
     assert len(events) == 1
     event = events[0]
     assert event["exception"]["values"][-1]["type"] == "KeyError"
@@ -310,7 +311,7 @@ async def test_events_captured_by_the_handler_are_enriched_and_scrubbed(
     async with serving(handler, alerter) as (_, url), connect(f"{url}/lobby") as client:
         await client.send("hi")
         assert await client.recv() == "ok"
-    events = await asyncio.to_thread(sentinel, receiver)
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
     assert len(events) == 1
     event = events[0]
     assert event["exception"]["values"][-1]["value"] == "no room for 203.0.113.0 (hi)"
@@ -343,7 +344,7 @@ async def test_an_application_client_is_kept_and_extended(
     assert client.get_integration(WebsocketsIntegration) is alerter.integration
 
     await crash_once(alerter)
-    events = await asyncio.to_thread(sentinel, receiver)
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
     assert len(events) == 1
     event = events[0]
     assert event["environment"] == "app-env"
@@ -364,7 +365,7 @@ async def test_without_the_integration_the_sink_stays_quiet(
     # The application re-initialises Sentry without the integration: hooks do nothing.
     sentry_sdk.init(dsn=receiver.dsn, default_integrations=False)
     await crash_once(alerter)
-    assert await asyncio.to_thread(sentinel, receiver) == []
+    assert await asyncio.to_thread(sentinel, receiver, alerter) == []
 
 
 def test_fire_deduplicates_and_groups(
@@ -381,7 +382,7 @@ def test_fire_deduplicates_and_groups(
     alerter.resolve("PaymentsDown", labels)
     alerter.resolve("NeverFired")
     alerter.fire("PaymentsDown", severity="critical", summary="back again", labels=labels)
-    events = sentinel(receiver)
+    events = sentinel(receiver, alerter)
     assert [e["message"] for e in events] == [
         "payments backend down",
         "slow",
@@ -412,7 +413,7 @@ def test_fire_cooldown_holds_back_a_flapping_alert(
     for _ in range(5):
         alerter.fire("Flap", severity="error", summary="flap")
         alerter.resolve("Flap")
-    assert [e["message"] for e in sentinel(receiver)] == ["flap"]
+    assert [e["message"] for e in sentinel(receiver, alerter)] == ["flap"]
 
 
 def test_fire_rejects_bad_input(receiver: SentryReceiver, registry: CollectorRegistry) -> None:
@@ -432,7 +433,7 @@ def test_dsn_falls_back_to_the_environment(
     alerter = SentryAlerter(registry=registry)
     assert alerter.owns_client
     alerter.fire("FromEnv", severity="info", summary="from env")
-    assert [e["message"] for e in sentinel(receiver)] == ["from env"]
+    assert [e["message"] for e in sentinel(receiver, alerter)] == ["from env"]
     assert alerter.flush(2)
     alerter.close(timeout=1)
     assert sentry_sdk.get_client().transport is None
@@ -459,6 +460,16 @@ def test_capture_never_blocks_and_the_transport_queue_is_bounded(
         wait_until(lambda: hanging.accepted and depth() == 0, what="the first event in flight")
         for index in range(10):
             alerter.fire(f"Alert{index}", severity="error", summary=f"alert {index}")
+        # The alerter's worker hands them to the transport, whose queue takes two.
+        wait_until(
+            lambda: (
+                Samples(ws_monitoring_exposition(registry)).get(
+                    "ws_monitoring_alerts_total", sink="sentry", outcome="dropped"
+                )
+                == 8
+            ),
+            what="8 events dropped",
+        )
         samples = Samples(ws_monitoring_exposition(registry))
         assert samples.get("ws_monitoring_alert_queue_depth", sink="sentry") == 2
         assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 3
@@ -491,7 +502,7 @@ def test_the_application_before_send_runs_first(
     alerter = SentryAlerter(receiver.dsn, registry=registry, before_send=before_send)
     alerter.fire("Dropped", severity="error", summary="drop me")
     alerter.fire("Kept", severity="error", summary="keep me")
-    events = sentinel(receiver)
+    events = sentinel(receiver, alerter)
     assert [e["message"] for e in events] == ["keep me"]
     # The privacy layer runs after the application's hook.
     assert events[0]["extra"]["added"] == "by the app for 203.0.113.0"
@@ -533,7 +544,7 @@ async def test_a_connection_event_that_cannot_be_scrubbed_is_not_sent(
 
     async with serving(handler, alerter) as (_, url), connect(f"{url}/") as client:
         assert await client.recv() == "done"
-    assert await asyncio.to_thread(sentinel, receiver) == []
+    assert await asyncio.to_thread(sentinel, receiver, alerter) == []
     assert any("could not be scrubbed" in r.getMessage() for r in caplog.records)
 
 
@@ -553,22 +564,24 @@ async def test_foreign_breadcrumbs_holding_dead_weak_proxies_are_scrubbed(
         raise ValueError("crash")
 
     await run_and_crash(handler, alerter)
-    (event,) = await asyncio.to_thread(sentinel, receiver)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
     crumbs = {c.get("category"): c for c in event["breadcrumbs"]["values"]}
     # The application's breadcrumb is kept; the unreadable value inside it is replaced.
     assert crumbs["app"]["data"] == {"thing": "[weak reference]"}
     assert crumbs["websocket.message"]["data"]["direction"] == "in"
 
 
-async def run_and_crash(handler: Any, alerter: Any, *alerters: Any, **options: Any) -> None:
-    """One connection sends "go" and waits for the close; ``alerters`` come first."""
-    async with (
-        serving(handler, *alerters, alerter, **options) as (_, url),
-        connect(f"{url}/") as client,
-    ):
-        await client.send("go")
-        with contextlib.suppress(ConnectionClosed):
-            await client.recv()
+async def run_and_crash(
+    handler: Any, alerter: Any, *alerters: Any, repeat: int = 1, **options: Any
+) -> None:
+    """``repeat`` connections, one after the other, send "go" and wait for the close;
+    ``alerters`` come first."""
+    async with serving(handler, *alerters, alerter, closes=repeat, **options) as (_, url):
+        for _ in range(repeat):
+            async with connect(f"{url}/") as client:
+                await client.send("go")
+                with contextlib.suppress(ConnectionClosed):
+                    await client.recv()
 
 
 async def test_events_after_the_close_carry_the_close_code(
@@ -594,7 +607,7 @@ async def test_events_after_the_close_carry_the_close_code(
         await ws.recv()
 
     await run_and_crash(handler, alerter, CapturesOnClose())
-    first, closing = await asyncio.to_thread(sentinel, receiver)
+    first, closing = await asyncio.to_thread(sentinel, receiver, alerter)
     assert first["message"] == "first"
     assert "websocket.close_code" not in first["tags"]
     assert crumbs(first) == []
@@ -615,7 +628,7 @@ async def test_a_client_re_initialised_mid_connection_is_left_alone(
         await ws.recv()
 
     await run_and_crash(handler, alerter)
-    (event,) = await asyncio.to_thread(sentinel, receiver)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
     assert event["message"] == "mid"
     assert "websocket" not in event.get("contexts", {})
 
@@ -641,7 +654,7 @@ async def test_a_unix_socket_client_has_no_user(
             with contextlib.suppress(ConnectionClosed):
                 await client.recv()
         await async_wait_until(lambda: closed.count == 1, what="the close")
-    (event,) = await asyncio.to_thread(sentinel, receiver)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
     assert event["exception"]["values"][-1]["type"] == "ValueError"
     assert "user" not in event
 
@@ -659,5 +672,182 @@ def test_shutdown_flushes_and_the_cooldown_table_is_bounded(
     alerter.fire("A0", severity="info", summary="a0 again")
     alerter.fire("A5", severity="info", summary="a5 again")
     alerter.shutdown(5)
-    messages = [e["message"] for e in sentinel(receiver)]
+    messages = [e["message"] for e in sentinel(receiver, alerter)]
     assert messages == [f"a{i}" for i in range(6)] + ["a0 again"]
+
+
+# -- crash storms: nothing on the connection's thread but a few reads (issue 19) -----------
+
+
+async def test_a_crash_event_is_built_scrubbed_and_sent_off_the_connection_thread(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    pipeline: list[str] = []
+
+    def before_send(event: Any, hint: Any) -> Any:
+        # Runs after the processors and the privacy layer, in the same thread.
+        pipeline.append(threading.current_thread().name)
+        return event
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry, before_send=before_send)
+    handler_threads: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        handler_threads.append(threading.current_thread().name)
+        await ws.recv()
+        raise ValueError("crash")
+
+    await run_and_crash(handler, alerter)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
+    assert event["exception"]["values"][-1]["type"] == "ValueError"
+    assert len(pipeline) == 2  # the crash event and the sentinel
+    assert handler_threads[0] not in pipeline
+    # The crash's log records (websockets' and ours) were not built into events that
+    # a processor then drops: the SDK reports no such discarded event.
+    await asyncio.to_thread(alerter.flush, 5)
+    assert discarded(receiver).get(("event_processor", "error"), 0) == 0
+
+
+def discarded(receiver: SentryReceiver) -> dict[tuple[str, str], int]:
+    """Events the SDK reports as discarded (its client reports), by (reason, category)."""
+    counts: dict[tuple[str, str], int] = {}
+    for _, items in receiver.envelopes:
+        for header, payload in items:
+            if header.get("type") == "client_report":
+                for entry in json.loads(payload).get("discarded_events", []):
+                    key = (entry["reason"], entry["category"])
+                    counts[key] = counts.get(key, 0) + entry["quantity"]
+    return counts
+
+
+async def test_a_crash_storm_is_rate_limited_per_fingerprint(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, rate_limit=3, rate_window=3600)
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        raise ValueError("bad json") if ws.request.path == "/a" else KeyError("missing")  # type: ignore[union-attr]
+
+    async with serving(handler, alerter, closes=14) as (_, url):
+        for path in ["/a"] * 12 + ["/b"] * 2:
+            async with connect(f"{url}{path}") as client:
+                await client.send("go")
+                with contextlib.suppress(ConnectionClosed):
+                    await client.recv()
+    events = await asyncio.to_thread(sentinel, receiver, alerter)
+    types = [e["exception"]["values"][-1]["type"] for e in events]
+    # A burst of three per fingerprint (route and exception type); another one has its own.
+    assert sorted(types) == ["KeyError"] * 2 + ["ValueError"] * 3
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="sent") == 5
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 9
+
+
+async def test_the_rate_limit_refills_and_can_be_turned_off(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    limited = SentryAlerter(receiver.dsn, registry=registry, rate_limit=1, rate_window=0.2)
+    await run_and_crash(crash_on_message, limited, repeat=2)
+    assert len(await asyncio.to_thread(sentinel, receiver, limited)) == 1
+    # One token per rate_window / rate_limit seconds.
+    await asyncio.sleep(0.3)
+    await run_and_crash(crash_on_message, limited)
+    assert len(await asyncio.to_thread(sentinel, receiver, limited)) == 2
+    with pytest.raises(ValueError, match="rate_limit"):
+        SentryAlerter(receiver.dsn, rate_limit=0)
+    with pytest.raises(ValueError, match="rate_window"):
+        SentryAlerter(receiver.dsn, rate_window=0)
+
+    unlimited = SentryAlerter(receiver.dsn, registry=CollectorRegistry(), rate_limit=None)
+    await run_and_crash(crash_on_message, unlimited, repeat=12)
+    assert len(await asyncio.to_thread(sentinel, receiver, unlimited)) == 2 + 12
+
+
+async def crash_on_message(ws: ServerConnection) -> None:
+    await ws.recv()
+    raise ValueError("crash")
+
+
+async def test_an_event_keeps_its_last_breadcrumbs_only(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    alerter = SentryAlerter(receiver.dsn, registry=registry, max_breadcrumbs=5)
+
+    async def handler(ws: ServerConnection) -> None:
+        for index in range(50):
+            sentry_sdk.add_breadcrumb(category="app", message=f"crumb {index}")
+        await ws.recv()
+        raise ValueError("crash")
+
+    await run_and_crash(handler, alerter)
+    (event,) = await asyncio.to_thread(sentinel, receiver, alerter)
+    values = event["breadcrumbs"]["values"]
+    assert len(values) == 5
+    # The newest: the handler's last ones (then the crash's log record), then ours.
+    app = [c["message"] for c in values if c.get("category") == "app"]
+    assert app
+    assert app == [f"crumb {i}" for i in range(50 - len(app), 50)]
+    assert values[-1]["category"] == "websocket.message"
+    with pytest.raises(ValueError, match="max_breadcrumbs"):
+        WebsocketsIntegration(max_breadcrumbs=-1)
+
+
+def test_the_worker_queue_is_bounded_and_fire_never_waits(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    release = threading.Event()
+
+    def before_send(event: Any, hint: Any) -> Any:
+        release.wait(10)  # a slow pipeline: in the alerter's worker, not in fire()
+        return event
+
+    alerter = SentryAlerter(
+        receiver.dsn, registry=registry, cooldown=0, queue_size=2, before_send=before_send
+    )
+    for index in range(5):
+        alerter.fire(f"A{index}", severity="error", summary=f"a{index}")
+    samples = Samples(ws_monitoring_exposition(registry))
+    # One running, one waiting: the other three are dropped at once.
+    assert samples.get("ws_monitoring_alert_queue_depth", sink="sentry") == 2
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 3
+    assert not alerter.flush(0.05)
+    release.set()
+    assert [e["message"] for e in sentinel(receiver, alerter)] == ["a0", "a1"]
+    with pytest.raises(ValueError, match="queue_size"):
+        SentryAlerter(receiver.dsn, queue_size=0)
+
+
+def test_close_drops_and_counts_what_the_worker_did_not_start(
+    receiver: SentryReceiver, registry: CollectorRegistry
+) -> None:
+    release = threading.Event()
+
+    def before_send(event: Any, hint: Any) -> Any:
+        release.wait(10)
+        return event
+
+    alerter = SentryAlerter(receiver.dsn, registry=registry, cooldown=0, before_send=before_send)
+    for index in range(4):
+        alerter.fire(f"A{index}", severity="error", summary=f"a{index}")
+    alerter.close(timeout=0.05)
+    release.set()
+    samples = Samples(ws_monitoring_exposition(registry))
+    # The one running goes on; the three waiting are dropped, and later ones too.
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 3
+    alerter.fire("Late", severity="error", summary="late")
+    samples = Samples(ws_monitoring_exposition(registry))
+    assert samples.get("ws_monitoring_alerts_total", sink="sentry", outcome="dropped") == 4
+
+
+def test_the_rate_limit_table_is_bounded() -> None:
+    from ws_monitoring.alerting.sentry import _RateLimit
+
+    limit = _RateLimit(1, 60.0, max_keys=2)
+    assert limit.allow(("/a", "E"), 0.0)
+    assert not limit.allow(("/a", "E"), 1.0)
+    assert limit.allow(("/b", "E"), 1.0)
+    assert limit.allow(("/c", "E"), 1.0)  # forgets /a, the least recently used
+    assert limit.allow(("/a", "E"), 1.0)
+    assert not limit.allow(("/c", "E"), 1.0)
+    assert limit.allow(("/a", "E"), 61.0)  # refilled: one token per 60 s

@@ -32,6 +32,7 @@ from ws_monitoring.alerting.sink import (
 )
 from ws_monitoring.alerting.watchdog import ServerWatchdog, watch_server
 from ws_monitoring.config import Config
+from ws_monitoring.privacy import Privacy
 from ws_monitoring.typing import Alerter
 
 
@@ -151,6 +152,57 @@ async def test_crash_alert_resolves_after_the_quiet_period(registry: CollectorRe
         await crashing_server([prom], ["/"], ["/"])
         await async_wait_until(lambda: len(peer.alerts()) >= 3, what="a new episode")
         assert peer.alerts()[2]["annotations"]["count"] == "1"
+
+
+def test_alerters_flush_side_by_side_at_shutdown() -> None:
+    class Stuck(Recorder):
+        """An alerter whose delivery hangs: its flush takes all the time it is given."""
+
+        def flush(self, timeout: float = 5.0) -> bool:
+            super().flush(timeout)
+            threading.Event().wait(timeout)
+            return False
+
+    stuck, quick = Stuck(), Recorder()
+    AlertingSink([stuck, quick]).shutdown(0.3)
+    # The one after the stuck alerter had the whole deadline too, not what was left.
+    assert 0.2 < stuck.flushed[0] <= 0.3
+    assert 0.2 < quick.flushed[0] <= 0.3
+
+
+class ThreadsPrivacy(Privacy):
+    """The real privacy layer, noting the threads that scrub."""
+
+    def __init__(self) -> None:
+        super().__init__(Config())
+        self.threads: set[str] = set()
+
+    def scrub(self, mapping: Any, *, keep: Any = ()) -> dict[str, Any]:
+        self.threads.add(threading.current_thread().name)
+        return super().scrub(mapping, keep=keep)
+
+
+def test_built_in_alerts_are_built_off_the_connection_thread(registry: CollectorRegistry) -> None:
+    class Record:
+        route = "/r"
+        error_type = "connection_reset"
+
+    privacy = ThreadsPrivacy()
+    with recording_peer() as peer, prom_alerter(
+        peer.url, registry, privacy=privacy, error_rate_threshold=0.1, error_rate_window=10
+    ) as prom:  # fmt: skip
+        # The sink events, as the event loop calls them: they only count.
+        prom.handler_failed(Record(), ValueError("bug"))  # type: ignore[arg-type]
+        for _ in range(2):
+            prom.connection_closed(Record())  # type: ignore[arg-type]
+        wait_until(lambda: len({a["labels"]["alertname"] for a in peer.alerts()}) == 2,
+                   what="both built-in alerts")  # fmt: skip
+    assert {a["labels"]["alertname"] for a in peer.alerts()} == {
+        "WebSocketHandlerCrashes",
+        "WebSocketErrorStorm",
+    }
+    assert privacy.threads
+    assert threading.current_thread().name not in privacy.threads
 
 
 def test_crash_routes_and_types_are_bounded(registry: CollectorRegistry) -> None:

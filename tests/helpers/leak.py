@@ -6,11 +6,15 @@ payloads in theirs). API:
 ``MARKERS`` (a :class:`Markers`)
     Known raw values the scenario injects: forwarded client IPs from the documentation
     ranges (``ipv4``, ``ipv6``), a user id, secrets (bearer token, cookie, API key
-    header, query-string token) and payload markers (text, binary).
-    ``markers.of(purpose)`` lists the raw strings of one purpose (``"ip"``, ``"user"``,
-    ``"payload"``; ``"secret"`` never has a consent), ``markers.forbidden(consent)``
-    those that must not appear under ``consent`` (a set of purposes), and
+    header, query-string token), payload markers (text, binary) and identifiers for
+    paths and exception messages (an email, a JWT, a UUID, a long number, a random
+    token drawn per run, a short random-looking one). ``markers.of(purpose)`` lists the
+    raw strings of one purpose (``"ip"``, ``"user"``, ``"payload"``; ``"secret"`` and
+    ``"identifier"`` never have a consent), ``markers.forbidden(consent)`` those that
+    must not appear under ``consent`` (a set of purposes), and
     ``markers.expected(consent)`` those that must appear in the logs.
+    ``SCRUBBED_CRASH`` is the crash message as the default rule shows it; ``ROUTES``
+    every route of the scenario's connections; ``CONNECTIONS`` how many there are.
 
 ``await run_leak_scenario(tmp_path, *, consent=(), consent_via="grant", fmt="json",
 options=None)`` -> :class:`LeakRun`
@@ -19,9 +23,12 @@ options=None)`` -> :class:`LeakRun`
     ``ws_monitoring.serve`` server on 127.0.0.1 with 127.0.0.1 as trusted proxy, then:
     an IPv4 client (``X-Forwarded-For``) sends a text and a binary payload, and a
     message that makes the handler raise an exception whose text holds the forwarded
-    IP and the request path with its query; an IPv6 client (``Forwarded``) sends a
-    text payload and closes; a third request is rejected with 403. Every request
-    carries the user id, ``Authorization: Bearer``, ``Cookie``, ``X-Api-Key`` and a
+    IP, the request path with its query and every identifier marker; an IPv6 client
+    (``Forwarded``) sends a text payload and closes; then one client per identifier
+    path (:data:`IDENTIFIER_PATHS`: an email, a JWT, a UUID, a long number, random
+    tokens) sends a text payload; a last request is rejected with 403. Every request
+    carries the user id, ``Authorization: Bearer``, ``Cookie``, ``X-Api-Key``, an
+    ``X-Tenant`` holding an email (for servers with ``tenant=by_tenant_header``) and a
     query string with a token and the user id. ``consent`` is given per connection
     with ``ws_monitoring.grant()`` in the handler (``consent_via="grant"``,
     journaled) or from the handshake by ``consent_resolver`` (``"resolver"``).
@@ -49,6 +56,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,6 +90,13 @@ class Markers:
     query_token: str = "qtoken-MARKER-9f0c"
     text_payload: str = "payload-MARKER-text-5150"
     binary_payload: bytes = b"payload-MARKER-binary-7777"
+    # Identifiers in paths and exception messages: no consent ever reveals them.
+    email: str = "alice.marker@example.com"
+    jwt: str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJtYXJrZXItand0In0.c2lnLU1BUktFUi1qd3QtOWYwYw"
+    uuid: str = "8f14e45f-ceea-467f-a0e5-7d6e1c2b9a31"
+    number: str = "4111111111111111"
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(32))
+    short_token: str = "tk_Q9zLm2XvB8nR4wY7"
 
     def of(self, purpose: str) -> list[str]:
         """Every raw form of the markers of ``purpose`` (ip, user, payload, secret)."""
@@ -98,13 +113,18 @@ class Markers:
             ]
         if purpose == "secret":
             return [self.bearer, self.cookie, self.api_key, self.query_token]
+        if purpose == "identifier":
+            return [self.email, self.jwt, self.uuid, self.number, self.token, self.short_token]
         raise ValueError(f"unknown purpose {purpose!r}")
 
     def forbidden(self, consent: Iterable[str] = ()) -> list[str]:
         """Markers that must not appear anywhere under ``consent``."""
         allowed = set(consent)
         return [
-            m for p in ("ip", "user", "payload", "secret") if p not in allowed for m in self.of(p)
+            m
+            for p in ("ip", "user", "payload", "secret", "identifier")
+            if p not in allowed
+            for m in self.of(p)
         ]
 
     def expected(self, consent: Iterable[str] = ()) -> list[str]:
@@ -119,8 +139,41 @@ class Markers:
             result += [self.text_payload, base64.b64encode(self.binary_payload).decode()]
         return result
 
+    def identifier_paths(self) -> dict[str, str]:
+        """Paths carrying identifiers, and the route the default grouping gives each."""
+        return {
+            f"/users/{self.email}/feed": "/users/{id}/feed",
+            f"/t/{self.jwt}": "/t/{id}",
+            f"/rooms/{self.uuid}": "/rooms/{id}",
+            f"/orders/{self.number}/items": "/orders/{id}/items",
+            f"/k/{self.token}": "/k/{id}",
+            f"/s/{self.short_token}/": "/s/{id}/",
+        }
+
+    def crash_message(self, forwarded: str | None, path: str) -> str:
+        """What the handler's exception says: client data, as application code writes it."""
+        return (
+            f"cannot serve {forwarded} on {path} - order {self.number} of {self.email} "
+            f"in room {self.uuid} with {self.token} and {self.short_token} ({self.jwt})"
+        )
+
 
 MARKERS = Markers()
+#: The crash message under the default ``exception_messages="scrub"``: the IP truncated,
+#: the query string dropped, the JWT redacted, every other identifier ``{id}``.
+SCRUBBED_CRASH = (
+    "cannot serve 203.0.113.0 on /chat - order {id} of {id} in room {id} with {id} and {id} "
+    "([redacted])"
+)
+#: Connections of the scenario (the rejected request is none).
+CONNECTIONS = 2 + len(MARKERS.identifier_paths())
+#: Every route the scenario's connections have under the default grouping.
+ROUTES = {"/chat", *MARKERS.identifier_paths().values()}
+
+
+def by_tenant_header(request: Request) -> str | None:
+    """A ``tenant=`` function: the ``X-Tenant`` header (here it holds an email)."""
+    return request.headers.get("X-Tenant")
 
 
 @dataclasses.dataclass
@@ -176,6 +229,7 @@ def _headers(markers: Markers) -> dict[str, str]:
         "Authorization": f"Bearer {markers.bearer}",
         "Cookie": f"session={markers.cookie}; theme=dark",
         "X-Api-Key": markers.api_key,
+        "X-Tenant": f"org-{markers.email}",
     }
 
 
@@ -200,7 +254,7 @@ async def run_leak_scenario(
             if message == "crash":
                 forwarded = ws.request.headers.get("X-Forwarded-For") if ws.request else None
                 path = ws.request.path if ws.request else ""
-                raise RuntimeError(f"cannot serve {forwarded} on {path}")
+                raise RuntimeError(markers.crash_message(forwarded, path))
             await ws.send(message)
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
@@ -254,10 +308,17 @@ async def run_leak_scenario(
             ) as client:
                 await client.send(markers.text_payload)
                 assert await client.recv() == markers.text_payload
+            for path in markers.identifier_paths():
+                async with connect(
+                    f"{base}{path}{query}", additional_headers=_headers(markers)
+                ) as client:
+                    await client.send(markers.text_payload)
+                    assert await client.recv() == markers.text_payload
             with pytest.raises(InvalidStatus) as rejected:
                 await connect(f"{base}/private{query}", additional_headers=_headers(markers))
             assert rejected.value.response.status_code == 403
-            await async_wait_until(lambda: counter.closed == 2, what="2 closed connections")
+            closed = 2 + len(markers.identifier_paths())
+            await async_wait_until(lambda: counter.closed == closed, what="all connections closed")
     finally:
         if setup is not None:
             assert await asyncio.to_thread(setup.flush), "log lines were not written in time"

@@ -156,13 +156,17 @@ class SentryReceiver:
                 raise AssertionError(f"expected {count} Sentry event(s), got {self.events}")
             time.sleep(0.02)
 
-    def drain(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def drain(self, *alerters: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Capture a sentinel message and wait for it; returns every other event.
 
         The SDK's transport sends in order from one worker thread, so once the
         sentinel has arrived, every event captured before it has arrived too: this
-        proves the absence of events without sleeping.
+        proves the absence of events without sleeping. ``alerters`` (``SentryAlerter``)
+        are flushed first: they capture from a worker thread of their own, so what they
+        were given may not have reached the transport yet.
         """
+        for alerter in alerters:
+            alerter.flush(timeout)
         marker = f"sentinel-{time.monotonic_ns()}"
         sentry_sdk.capture_message(marker)
         self.wait_for_events(predicate=lambda e: e.get("message") == marker, timeout=timeout)

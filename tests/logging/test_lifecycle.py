@@ -20,9 +20,10 @@ from websockets.sync.client import connect as sync_connect
 from websockets.sync.server import ServerConnection as SyncServerConnection
 
 from tests.helpers.servers import RawClient, async_server, async_wait_until, sync_server_async
+from tests.logging.helpers import bare_root
 from ws_monitoring.config import Config
 from ws_monitoring.core import RECORD_ATTR
-from ws_monitoring.logging.formatters import current_connection
+from ws_monitoring.logging.context import current_connection
 from ws_monitoring.logging.lifecycle import LifecycleLogSink, MessageLogSink, build_sink
 from ws_monitoring.logging.setup import LoggingSetup, setup_logging
 from ws_monitoring.typing import MessageSink
@@ -189,25 +190,26 @@ async def test_handshake_rejected_failed_and_health_check(logs: Logs) -> None:
 
 
 async def test_records_inside_a_handler_carry_the_connection(logs: Logs) -> None:
-    logs.start(root=True)
-    app = logging.getLogger("myapp")
+    with bare_root():
+        logs.start(root=True)
+        app = logging.getLogger("myapp")
 
-    async def handler(ws: ServerConnection) -> None:
-        app.info("inside the handler")
-        await ws.send("ok")
+        async def handler(ws: ServerConnection) -> None:
+            app.info("inside the handler")
+            await ws.send("ok")
 
-    async with async_server(handler, monitoring=OPTIONS) as server:
-        async with connect(server.url("/rooms/7")) as client:
-            await client.recv()
-        await logs.wait_for("connection_closed")
-    app.info("outside")
-    inside, outside = logs.lines("myapp")
-    (opened,) = logs.events("connection_opened")
-    assert inside["connection_id"] == opened["connection_id"]
-    assert inside["route"] == "/rooms/{room}"
-    assert inside["client_ip"] == "127.0.0.0"
-    assert "connection_id" not in outside
-    assert current_connection.get() is None
+        async with async_server(handler, monitoring=OPTIONS) as server:
+            async with connect(server.url("/rooms/7")) as client:
+                await client.recv()
+            await logs.wait_for("connection_closed")
+        app.info("outside")
+        inside, outside = logs.lines("myapp")
+        (opened,) = logs.events("connection_opened")
+        assert inside["connection_id"] == opened["connection_id"]
+        assert inside["route"] == "/rooms/{room}"
+        assert inside["client_ip"] == "127.0.0.0"
+        assert "connection_id" not in outside
+        assert current_connection.get() is None
 
 
 async def test_lifecycle_info_off(logs: Logs) -> None:

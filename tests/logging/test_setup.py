@@ -11,18 +11,21 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
 import ws_monitoring
+from tests.helpers.scrape import Samples
 from tests.helpers.servers import HOST, async_server, async_wait_until
+from tests.logging.helpers import bare_root
 from ws_monitoring.config import Config
 from ws_monitoring.core import RECORD_ATTR
 from ws_monitoring.logging.formatters import ECS_VERSION
@@ -244,21 +247,22 @@ def test_calling_twice_never_duplicates(capture: Capture) -> None:
 
 
 def test_root_logger_is_left_alone_unless_asked(capture: Capture) -> None:
-    root = logging.getLogger()
-    before = (list(root.handlers), root.level)
-    capture.setup("DEBUG")
-    assert (list(root.handlers), root.level) == before
-    assert logging.getLogger("ws_monitoring").propagate is False
-    logging.getLogger("myapp").warning("not ours")
-    assert capture.text() == ""
-    setup = capture.setup("INFO", root=True)
-    assert root.level == logging.INFO
-    logging.getLogger("myapp").warning("now ours")
-    log.info("ours too")
-    assert [line["message"] for line in capture.lines()] == ["now ours", "ours too"]
-    setup.close()
-    assert (list(root.handlers), root.level) == before
-    assert logging.getLogger("ws_monitoring").propagate is True
+    with bare_root():
+        root = logging.getLogger()
+        before = (list(root.handlers), root.level)
+        capture.setup("DEBUG")
+        assert (list(root.handlers), root.level) == before
+        assert logging.getLogger("ws_monitoring").propagate is False
+        logging.getLogger("myapp").warning("not ours")
+        assert capture.text() == ""
+        setup = capture.setup("INFO", root=True)
+        assert root.level == logging.INFO
+        logging.getLogger("myapp").warning("now ours")
+        log.info("ours too")
+        assert [line["message"] for line in capture.lines()] == ["now ours", "ours too"]
+        setup.close()
+        assert (list(root.handlers), root.level) == before
+        assert logging.getLogger("ws_monitoring").propagate is True
 
 
 def test_levels_and_websockets_debug(capture: Capture) -> None:
@@ -374,6 +378,52 @@ def test_close_writes_what_is_queued(tmp_path: Path) -> None:
     setup.close()
     assert len(path.read_text().splitlines()) == 100
     assert _our_handlers() == []
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_log_file_that_cannot_be_written_is_counted_and_reported_once(
+    background: bool,
+    registry: CollectorRegistry,
+    scrape_metrics: Callable[[], Samples],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full device (``/dev/full``): no ``--- Logging error ---`` traceback per record."""
+    setup = setup_logging(filename="/dev/full", background=background, registry=registry)
+    try:
+        for i in range(50):
+            log.warning("record %d", i)
+        setup.flush()
+        samples = scrape_metrics()
+        assert samples["ws_monitoring_log_records_dropped_total", {"reason": "write_error"}] == 50
+        assert samples["ws_monitoring_log_records_dropped_total", {"reason": "queue_full"}] == 0
+        assert setup.write_errors == 50
+    finally:
+        setup.close()  # flushing what is buffered fails too: no exception
+    err = capsys.readouterr().err
+    assert "Logging error" not in err
+    assert "Traceback" not in err
+    (report,) = err.splitlines()
+    assert report.startswith("ws-monitoring: cannot write log records to /dev/full (OSError: ")
+    assert "No space left on device" in report
+    assert 'ws_monitoring_log_records_dropped_total{reason="write_error"}' in report
+
+
+def test_a_full_queue_is_counted_in_the_metric(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    stream = BlockingStream()
+    setup = setup_logging(stream=stream, queue_size=1, registry=registry)
+    try:
+        log.info("first")
+        assert stream.entered.wait(10)
+        for i in range(4):
+            log.info("queued %d", i)
+        assert setup.dropped == 3
+        samples = scrape_metrics()
+        assert samples["ws_monitoring_log_records_dropped_total", {"reason": "queue_full"}] == 3
+    finally:
+        stream.release.set()
+        setup.close()
 
 
 # -- consent journal ------------------------------------------------------------------------

@@ -159,6 +159,28 @@ def test_many_routes_with_nasty_label_values(
     assert_same(registry, ACCEPTS[:2])
 
 
+def test_tenant_label_with_nasty_values(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = MetricsSink(Config(registry=registry, tenant=lambda request: None))
+    registry.register(sink)
+    routes = [*NASTY, "/rooms/{id}", "__overflow__"]
+    snap = rich_snapshot(sink, routes)
+    snap.tenants = {
+        tenant: rich_snapshot(sink, routes[i:], seed=i)
+        for i, tenant in enumerate([*NASTY, "__none__", "__other__"])
+    }
+    fixed(sink, snap, monkeypatch)
+    assert_same(registry)
+    families = {f.name: f for f in text_string_to_metric_families(encode(registry, "")[0].decode())}
+    active = families["websocket_connections_active"].samples
+    assert {s.labels["tenant"] for s in active} == {*NASTY, "__none__", "__other__"}
+    assert all(set(s.labels) == {"route", "tenant"} for s in active)
+    errors = families["websocket_errors"].samples
+    assert all(set(s.labels) == {"route", "tenant", "type"} for s in errors)
+    assert all("tenant" not in s.labels for s in families["websocket_handshake_failures"].samples)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_random_values(
     registry: CollectorRegistry, sink: MetricsSink, monkeypatch: pytest.MonkeyPatch, seed: int
@@ -374,7 +396,8 @@ async def test_a_real_scrape_is_what_prometheus_client_writes(
     registry: CollectorRegistry, metrics_server: MetricsServer
 ) -> None:
     nasty = {"/q": 'quote"d', "/b": "back\\slash", "/n": "new\nline"}
-    options = {"registry": registry, "routes": lambda p: nasty.get(p, p), "max_routes": 3}
+    # Three routes fill the free half of the table; /overflow is seen once: folded.
+    options = {"registry": registry, "routes": lambda p: nasty.get(p, p), "max_routes": 6}
     async with async_server(echo, monitoring=options) as srv:
         for path in ("/q", "/b", "/n", "/overflow"):
             async with connect(srv.url(path)) as client:
@@ -395,4 +418,6 @@ async def test_a_real_scrape_is_what_prometheus_client_writes(
         samples = await settled(lambda: scrape(metrics_server.url), 5)
     assert samples["websocket_connections_total", {"route": "__overflow__"}] == 1
     assert samples["websocket_connections_total", {"route": 'quote"d'}] == 2
+    # Control characters never reach a label (labels.clean_label).
+    assert samples["websocket_connections_total", {"route": "newline"}] == 1
     assert Samples(reference(registry, "").decode()).values == samples.values

@@ -171,6 +171,56 @@ async def test_servers_sharing_a_registry_share_series(
     assert samples["other_connections_total", {"route": "/same"}] == 1
 
 
+async def test_tenants_in_the_snapshot_and_its_totals(
+    registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
+) -> None:
+    options = {
+        "registry": registry,
+        "tenant": lambda request: request.headers.get("X-Tenant"),
+        "tenants": ["acme", "globex"],
+    }
+    handler = ws_monitoring.instrument(app, **options)
+    sink = next(s for s in handler.__ws_monitoring__.sinks if isinstance(s, MetricsSink))  # type: ignore[attr-defined]
+    async with async_server(handler, monitoring={}) as srv:
+        for tenant in ("acme", "globex", "acme"):
+            async with connect(srv.url("/t"), additional_headers={"X-Tenant": tenant}) as client:
+                await client.send("x")
+                assert await client.recv() == "x"
+        await settled(scrape_metrics, 3)
+        async with connect(srv.url("/t"), additional_headers={"X-Tenant": "acme"}) as client:
+            await client.send("live")
+            assert await client.recv() == "live"
+            samples = scrape_metrics()
+            snap = sink.snapshot()
+    # The snapshot's own fields are the totals over tenants (what they were without).
+    assert snap.opened == {"/t": 4}
+    assert snap.active == {"/t": 1}
+    assert snap.routes["/t"].in_text == 4
+    assert snap.disconnections == {("/t", "1000"): 3}
+    assert snap.tenants is not None
+    assert {t: part.opened for t, part in snap.tenants.items()} == {
+        "acme": {"/t": 3},
+        "globex": {"/t": 1},
+    }
+    assert snap.tenants["acme"].active == {"/t": 1}
+    assert snap.tenants["globex"].routes["/t"].in_text == 1
+    assert samples["websocket_connections_active", {"route": "/t", "tenant": "acme"}] == 1
+    assert samples["websocket_connections_total", {"route": "/t", "tenant": "globex"}] == 1
+    # Without a tenant function there is no tenant anywhere.
+    plain = MetricsSink(Config(registry=CollectorRegistry()))
+    assert plain.snapshot().tenants is None
+
+
+def test_a_namespace_cannot_mix_tenant_labels() -> None:
+    registry = CollectorRegistry()
+    build_monitor(Config(registry=registry))
+    with pytest.raises(ValueError, match="already registered without a tenant label"):
+        build_monitor(Config(registry=registry, tenant=lambda request: "t"))
+    build_monitor(Config(registry=registry, namespace="tenanted", tenant=lambda request: "t"))
+    with pytest.raises(ValueError, match="already registered with a tenant label"):
+        build_monitor(Config(registry=registry, namespace="tenanted"))
+
+
 def test_a_namespace_cannot_change_buckets() -> None:
     registry = CollectorRegistry()
     build_monitor(Config(registry=registry))

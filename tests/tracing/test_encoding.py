@@ -40,7 +40,7 @@ def receiver() -> Iterator[OtlpHttpReceiver]:
 class _Connection:
     def __init__(self) -> None:
         self.id = uuid.UUID(int=7)
-        self.request = Request("/rooms/1", Headers({"Host": "example"}))
+        self.request = Request("/rooms/lobby", Headers({"Host": "example"}))
         self.remote_address = ("2001:db8::5", 40000)
         self.subprotocol = None
 
@@ -94,7 +94,7 @@ def test_encoded_and_sdk_message_spans_are_the_same(
                 1_000, 2_000 + size, size, binary, error,
             )  # fmt: skip
             assert tracing.force_flush(5)
-            [span] = receiver.named("process /rooms/1")[len(spans) :]
+            [span] = receiver.named("process /rooms/lobby")[len(spans) :]
             spans.append(span)
     finally:
         tracing.shutdown(5)

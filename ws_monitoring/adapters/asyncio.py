@@ -1,9 +1,12 @@
 """asyncio adapter: feeds the core from ``websockets.asyncio.server`` connections.
 
 The handler receives the very same ``ServerConnection`` object websockets created, so
-identity, attributes, exceptions and close codes are unchanged. Two methods are
-shadowed on that instance (``recv`` and ``recv_streaming``) to time message handling,
-and two on its sans-I/O protocol (see :mod:`ws_monitoring.core`) to count frames.
+identity, attributes, exceptions and close codes are unchanged. Its ``recv`` and
+``recv_streaming`` time message handling: they are methods of the connection class
+``serve()`` makes; a handler wrapped by ``instrument()`` and run by websockets' own
+``serve`` moves its connection to a subclass of its class that has them (same layout,
+same names: see :func:`_timed_class`). Frames are counted on the sans-I/O protocol
+(see :mod:`ws_monitoring.core`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,12 +37,10 @@ from ws_monitoring.typing import Data
 
 __all__ = ["instrument_async", "serve"]
 
+logger = logging.getLogger("ws_monitoring")
+
 AsyncHandler = Callable[[ServerConnection], Awaitable[None]]
 HTTPHook = Callable[..., Awaitable[Response | None] | Response | None]
-
-
-#: Seconds the sinks get to flush (spans, alerts) when a server made by ``serve`` closes.
-SHUTDOWN_TIMEOUT = 5.0
 
 
 #: Where a connection's original ``recv``/``recv_streaming`` are found by ``TimedRecv``.
@@ -49,12 +51,13 @@ _TIMED_ATTR = "_ws_monitoring_timed"
 
 
 class RecvHooksBase:
-    """Per-connection hooks for a connection whose class ``serve`` did not make.
+    """Per-connection hooks: the fallback for a connection whose class cannot be timed.
 
-    A handler wrapped by ``instrument()`` and run by a plain websockets server gets its
-    connection's ``recv``/``recv_streaming`` shadowed by bound methods of this small
-    object (the mixin's, bound to it): about 350 bytes per connection and three new keys
-    in the connection's ``__dict__``. Connections made by ``serve`` need none of this.
+    A connection whose class ``serve`` did not make, and that cannot move to a timed
+    subclass of its class (see :func:`_timed_class`), gets its ``recv``/``recv_streaming``
+    shadowed by bound methods of this small object (the mixin's, bound to it): about
+    350 bytes per connection, three new keys in the connection's ``__dict__`` (which
+    then stops sharing its keys with its class: +1.5 KiB) and a Python frame per message.
     """
 
     __slots__ = (RECORD_ATTR, _RECV_ATTR, _RECV_STREAMING_ATTR)
@@ -75,9 +78,10 @@ class RecvHooksBase:
 class TimedRecv:
     """``recv``/``recv_streaming`` timing how long each message is handled.
 
-    The methods of the connection class ``serve`` makes, where they cost nothing per
-    connection; or of :class:`_RecvHooks`. Either provides ``_ws_monitoring_record``
-    and, under ``_ws_monitoring_recv(_streaming)``, websockets' own methods.
+    The methods of the connection classes ``serve`` makes and of :func:`_timed_class`,
+    where they cost nothing per connection; or of :class:`_RecvHooks`. Each provides
+    ``_ws_monitoring_record`` and, under ``_ws_monitoring_recv(_streaming)``, websockets'
+    own methods.
     """
 
     __slots__ = ()
@@ -110,13 +114,18 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
 
     @functools.wraps(handler)
     async def instrumented(connection: ServerConnection) -> None:
+        if not isinstance(connection, ServerConnection):
+            # websockets.legacy.server.serve, say: told once, never in the app's way.
+            _unsupported(connection)
+            await handler(connection)
+            return
         # No local variable for the handshake: this frame lives as long as the connection.
         record = monitor.open(connection, handshake=getattr(connection, HANDSHAKE_ATTR, None))
         setattr(connection, RECORD_ATTR, record)
         if getattr(connection, HANDSHAKE_ATTR, None) is not None:
             setattr(connection, HANDSHAKE_ATTR, None)  # see ConnectionRecord.handshake
         if not getattr(connection, _TIMED_ATTR, False):  # not a class made by serve()
-            _RecvHooks.install(connection, record)
+            _time_recv(connection, record)
         try:
             await handler(connection)
         except ConnectionClosed:
@@ -144,6 +153,104 @@ def instrument_async(handler: AsyncHandler, monitor: Monitor) -> AsyncHandler:
     return instrumented
 
 
+def _timed_recv(base: type[Any], record_slot: Any = None) -> dict[str, Any]:
+    """The class attributes that time ``recv``/``recv_streaming`` in subclasses of ``base``.
+
+    TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
+    With the speedups, ``recv`` is a C method: no Python frame per message; given the
+    subclass's ``__slots__`` entry for the record (``record_slot``), it reads the record
+    without an attribute lookup.
+    """
+    return {
+        "recv": (
+            _speedups.RecvMethod(base.recv, record_slot=record_slot) if SPEEDUPS else TimedRecv.recv
+        ),
+        "recv_streaming": TimedRecv.recv_streaming,
+        _TIMED_ATTR: True,
+        _RECV_ATTR: base.recv,
+        _RECV_STREAMING_ATTR: base.recv_streaming,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _timed_class(base: Any) -> type[Any] | None:
+    """A subclass of ``base`` that times ``recv``, for connections ``serve()`` did not make.
+
+    Shared by every monitor (``recv`` finds the record on the connection). It adds no
+    slot, so a connection can move to it (``__class__`` assignment) with its layout,
+    identity and attributes unchanged; it keeps ``base``'s name, qualified name and
+    module, so the connection's ``repr`` and log lines do not change either. ``None``
+    when ``base`` cannot be subclassed. At most 64 classes are kept: one per connection
+    class (usually just websockets' ``ServerConnection``).
+    """
+    try:
+        timed: type[Any] = type(base.__name__, (base,), {"__slots__": (), **_timed_recv(base)})
+    except TypeError:  # e.g. a final class, or a metaclass that refuses
+        return None
+    timed.__qualname__ = base.__qualname__
+    timed.__module__ = base.__module__
+    return timed
+
+
+def _time_recv(connection: Any, record: ConnectionRecord) -> None:
+    """Time ``connection``'s messages, with the class-level ``recv`` when possible.
+
+    Moving the connection to :func:`_timed_class` of its class costs it only the dict
+    CPython then makes of its attributes, keys still shared with its class (64 B on
+    CPython 3.11 and 3.12, about 260 B on 3.13, against 1.5 KiB for the three keys the
+    hooks add), and no Python frame per message. Only a class that refuses the move gets
+    per-connection hooks.
+    """
+    kind: Any = type(connection)
+    timed = _timed_class(kind)
+    if timed is not None:
+        try:
+            connection.__class__ = timed
+        except TypeError:  # a layout CPython will not swap (e.g. a C base with __slots__)
+            pass
+        else:
+            return
+    _RecvHooks.install(connection, record)
+
+
+#: Connection classes already reported by :func:`_unsupported`.
+_UNSUPPORTED: set[type] = set()
+
+
+#: Frameworks whose handlers get their own objects, not a websockets connection.
+_FRAMEWORKS = frozenset({"starlette", "fastapi", "quart", "aiohttp"})
+
+
+def _unsupported(connection: object) -> None:
+    """Say once per class that connections not made by ``websockets.asyncio`` go unmonitored."""
+    cls = type(connection)
+    if cls in _UNSUPPORTED:
+        return
+    _UNSUPPORTED.add(cls)
+    legacy = any(c.__module__.startswith("websockets.legacy") for c in cls.__mro__)
+    framework = cls.__module__.partition(".")[0]
+    advice = (
+        "Serve it with websockets.asyncio.server.serve or ws_monitoring.serve()"
+        if framework not in _FRAMEWORKS
+        else f"For {framework}, wrap the application in ws_monitoring.asgi.MonitoringMiddleware"
+        if framework != "aiohttp"
+        else "aiohttp servers are not supported: use ws_monitoring.serve(), or an ASGI "
+        "framework with ws_monitoring.asgi.MonitoringMiddleware"
+    )
+    logger.error(
+        "ws_monitoring.instrument(): %s.%s is not a websockets.asyncio.server.ServerConnection; "
+        "connections of this server run unmonitored. %s",
+        cls.__module__,
+        cls.__qualname__,
+        "websockets.legacy.server.serve is not supported (websockets deprecated it): "
+        "migrate to websockets.asyncio.server.serve "
+        "(https://websockets.readthedocs.io/en/stable/howto/upgrade.html) or use "
+        "ws_monitoring.serve()"
+        if legacy
+        else advice,
+    )
+
+
 def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[ServerConnection]:
     """A subclass of ``base`` that times and classifies the opening handshake."""
     if not isinstance(base, type):
@@ -153,13 +260,6 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
 
     class InstrumentedServerConnection(base):  # type: ignore[valid-type, misc]
         __slots__ = (RECORD_ATTR, HANDSHAKE_ATTR)
-        # TimedRecv's methods, not the mixin itself: the user's class stays first in the MRO.
-        # With the speedups, recv() is a C method: no Python frame per message.
-        recv = _speedups.RecvMethod(base.recv) if SPEEDUPS else TimedRecv.recv
-        recv_streaming = TimedRecv.recv_streaming
-        _ws_monitoring_timed = True
-        _ws_monitoring_recv = base.recv
-        _ws_monitoring_recv_streaming = base.recv_streaming
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -181,6 +281,10 @@ def _connection_class(base: type[ServerConnection], monitor: Monitor) -> type[Se
 
     InstrumentedServerConnection.__name__ = f"Instrumented{base.__name__}"
     InstrumentedServerConnection.__qualname__ = InstrumentedServerConnection.__name__
+    # Set after the class exists: recv() needs the record slot's descriptor.
+    slot = InstrumentedServerConnection.__dict__[RECORD_ATTR]
+    for name, value in _timed_recv(base, slot).items():
+        setattr(InstrumentedServerConnection, name, value)
     return InstrumentedServerConnection
 
 
@@ -276,9 +380,9 @@ def serve(
 
     async def wait_closed_then_flush() -> None:
         # ``async with serve(...)`` and ``serve_forever()`` both end here: flush the
-        # sinks (spans, alerts) within a deadline, off the event loop.
+        # sinks (spans, alerts) within the shared shutdown deadline, off the event loop.
         await wait_closed()
-        await asyncio.to_thread(monitor.shutdown, SHUTDOWN_TIMEOUT)
+        await asyncio.to_thread(monitor.shutdown)
 
     server.wait_closed = wait_closed_then_flush  # type: ignore[method-assign]
     return server

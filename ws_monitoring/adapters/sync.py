@@ -8,14 +8,18 @@ already serializes access with the connection's ``protocol_mutex``.
 Only :func:`serve` hooks the connection before its handshake (``Monitor.prepare``)
 and opens its record when the handshake ends. A handler instrumented with
 :func:`ws_monitoring.instrument` and given to ``websockets.sync.server.serve`` is hooked
-when the handler starts; a message that reaches the server's reader thread in the
-microseconds between the end of the handshake and that moment is not counted, nor is a
-connection that fails then (websockets does not call its handler).
+when the handler starts, while the connection's reader thread may already have parsed
+the client's first messages: :func:`count_from_handshake` counts those too. What such
+a server cannot see: a connection that closes before websockets calls its handler,
+and messages other threads send to a connection before its handler starts (a
+``broadcast()`` in that gap). :func:`serve` sees both.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import queue
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +31,7 @@ from websockets.sync.server import serve as ws_serve
 from ws_monitoring.core import (
     HANDSHAKE_ATTR,
     RECORD_ATTR,
+    SPEEDUPS,
     ConnectionRecord,
     HandshakeRecord,
     Monitor,
@@ -35,7 +40,6 @@ from ws_monitoring.typing import Data
 
 from .asyncio import (
     _TIMED_ATTR,
-    SHUTDOWN_TIMEOUT,
     RecvHooksBase,
     _finish,
     _is_upgrade,
@@ -88,10 +92,14 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
         # Opened at the end of the handshake when served by serve(); here otherwise.
         record = getattr(connection, RECORD_ATTR, None)
         if record is None:
+            prepared = getattr(connection, _PREPARED_ATTR, None)
+            if prepared is None:
+                # A plain websockets server: the connection is hooked only now.
+                prepared = ConnectionRecord(monitor)
+                if monitor.count_frames:
+                    count_from_handshake(connection, prepared, monitor)
             record = monitor.open(
-                connection,
-                handshake=getattr(connection, HANDSHAKE_ATTR, None),
-                record=getattr(connection, _PREPARED_ATTR, None),
+                connection, handshake=getattr(connection, HANDSHAKE_ATTR, None), record=prepared
             )
             setattr(connection, RECORD_ATTR, record)
         if not _claim(connection):
@@ -124,6 +132,102 @@ def instrument_sync(handler: SyncHandler, monitor: Monitor) -> SyncHandler:
 
     instrumented.__ws_monitoring__ = monitor  # type: ignore[attr-defined]
     return instrumented
+
+
+class _CountingFrames(queue.SimpleQueue):  # type: ignore[type-arg]
+    """A connection's assembler queue that counts the frames put in it (see below)."""
+
+    count: Callable[[Any], object]
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is not None:  # the assembler's end-of-stream marker
+            self.count(item)
+        super().put(item, block, timeout)
+
+    def stop(self) -> None:
+        """The protocol's frame counter sees every later frame: stop counting here."""
+        # The plain queue's method from now on: no Python call per frame.
+        self.put = functools.partial(queue.SimpleQueue.put, self)  # type: ignore[method-assign]
+
+
+class _Boundary(list):  # type: ignore[type-arg]
+    """``protocol.events`` when the frame counter joined the protocol.
+
+    The reader thread parses frames under ``protocol_mutex``, then puts them in the
+    assembler without it. It iterates this list once, to put the first frames parsed
+    after the counter joined: by then it has put every frame parsed before.
+    """
+
+    __slots__ = ("frames", "uncounted")
+    frames: _CountingFrames
+    #: Events already in the list, parsed before the counter joined (none in practice:
+    #: the reader takes them under the lock it parses them with).
+    uncounted: int
+
+    def __iter__(self) -> Iterator[Any]:
+        items = super().__iter__()
+        for _ in range(self.uncounted):
+            yield next(items)
+        self.frames.stop()
+        yield from items
+
+
+logger = logging.getLogger("ws_monitoring")
+_warned_internals = False
+
+
+def count_from_handshake(
+    connection: ServerConnection, record: ConnectionRecord, monitor: Monitor
+) -> None:
+    """Count every frame ``connection`` received since its handshake, though hooked later.
+
+    ``websockets.sync.server.serve`` calls the handler after the handshake, and the
+    connection's reader thread parses frames meanwhile: a client that sends a message
+    at once (subscribe, authenticate) often has it parsed first. Frames parsed before
+    the counter joins the protocol are in the assembler's queue, or about to be put
+    there by the reader: the queue counts them as they are (or were) put, until the
+    reader puts the first frames the counter saw. Each frame is counted once, in the
+    order websockets parsed it (fragmented messages span the switch), and no lock is
+    taken in an order websockets does not take it (the reader puts frames holding the
+    assembler's mutex; closing takes that mutex while holding ``protocol_mutex``).
+    """
+    protocol = connection.protocol
+    assembler = connection.recv_messages
+    frames = getattr(assembler, "frames", None)
+    counter = monitor.frame_counter(record)
+    if type(frames) is not queue.SimpleQueue or type(protocol.events) is not list:
+        # Another websockets release (13.x buffers no frame; a future one may change):
+        # counting starts now, and the user is told where the count is exact.
+        global _warned_internals
+        if not _warned_internals:
+            _warned_internals = True
+            logger.warning(
+                "instrument() on websockets.sync.server.serve: this websockets version "
+                "buffers received frames differently; messages received before the "
+                "handler starts are not counted. ws_monitoring.serve_sync counts them all."
+            )
+        with connection.protocol_mutex:
+            protocol.extensions = [counter, *protocol.extensions]
+        return
+    if not SPEEDUPS and record.h is None:
+        # The queue counts in the reader thread while the handler may already send: the
+        # pure-Python counters would race to allocate the histograms.
+        record.h = [0] * monitor.layout.length
+    counting = _CountingFrames()
+    counting.count = counter.decode
+    with assembler.mutex:
+        while True:
+            try:
+                counting.put(frames.get(block=False))
+            except queue.Empty:
+                break
+        assembler.frames = counting
+    with connection.protocol_mutex:
+        protocol.extensions = [counter, *protocol.extensions]
+        boundary = _Boundary(protocol.events)
+        boundary.frames = counting
+        boundary.uncounted = len(boundary)
+        protocol.events = boundary
 
 
 #: Set on a connection by whoever closes its record: the handler, or the reader thread.
@@ -259,9 +363,10 @@ def serve(
 
     @functools.wraps(shutdown)
     def shutdown_then_flush(*args: Any, **kwargs: Any) -> None:
-        # ``with serve(...)`` ends here: flush the sinks (spans, alerts) within a deadline.
+        # ``with serve(...)`` ends here: flush the sinks (spans, alerts) within the
+        # shared shutdown deadline.
         shutdown(*args, **kwargs)
-        monitor.shutdown(SHUTDOWN_TIMEOUT)
+        monitor.shutdown()
 
     server.shutdown = shutdown_then_flush  # type: ignore[method-assign]
     return server

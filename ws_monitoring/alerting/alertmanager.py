@@ -38,7 +38,13 @@ Built-in alerts, when used as a server's alerter (``serve(..., alerters=[...])``
 ``exception_types``; resolves after ``crash_quiet_period`` seconds without a crash)
 and ``WebSocketErrorStorm`` (``warning``; fires while connections end with an error,
 or handshakes fail, faster than ``error_rate_threshold`` per second averaged over
-``error_rate_window`` seconds; resolves a window after the rate fell back).
+``error_rate_window`` seconds; resolves a window after the rate fell back). The sink
+events only update counters on the event loop (a crash storm costs it a few operations
+per crash); the scheduler thread builds, scrubs and fires these alerts, and
+:meth:`PrometheusAlerter.flush` fires what is due first.
+
+At exit, open alerters deliver their queues within what is left of the shared shutdown
+deadline (:data:`ws_monitoring.core.SHUTDOWN_TIMEOUT`), side by side with the other sinks.
 
 Labels and annotations go through the privacy layer (:meth:`Privacy.scrub`); the
 static labels (``service``, ``instance``, ``environment`` and ``labels=``) are the
@@ -47,7 +53,6 @@ operator's own and are kept as given.
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import itertools
 import logging
@@ -63,6 +68,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ws_monitoring.config import Config
+from ws_monitoring.core import at_exit
 from ws_monitoring.privacy import Privacy
 
 from .sink import alert_metrics, is_expected_failure
@@ -286,8 +292,15 @@ class PrometheusAlerter:
         self._scheduler: threading.Thread | None = None
         self._random = random.Random()
 
-        # Aggregation state of the built-in alerts (own lock: taken before _lock).
+        # Aggregation state of the built-in alerts. The sink events (on the event loop)
+        # only count, under _stats_lock (never held around anything else); the
+        # scheduler thread, or flush(), builds, scrubs and fires the alerts, under
+        # _builtins_lock (taken before _lock), so that they go out in order.
         self._stats_lock = threading.Lock()
+        self._builtins_lock = threading.Lock()
+        #: Whether a built-in alert waits to be fired (set by the sink events).
+        self._builtins_due = False
+        self._crash_due = False
         self._crash_last = -_INF
         self._crash_count = 0
         self._crash_routes: dict[str, int] = {}
@@ -299,7 +312,10 @@ class PrometheusAlerter:
         self._storm_kinds: dict[str, int] = {}
         self._storm_since = -_INF
         self._storm_fired = -_INF
+        #: (rate, error kinds) of the WebSocketErrorStorm to fire, if one is due.
+        self._storm_due: tuple[float, dict[str, int]] | None = None
         _live.add(self)
+        at_exit(_close_all)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -415,6 +431,7 @@ class PrometheusAlerter:
         """Queue changes held back by the cooldown, then wait up to ``timeout`` seconds
         until every queue is empty. Returns whether it emptied."""
         deadline = time.monotonic() + timeout
+        self._fire_builtins()
         with self._lock:
             now = time.monotonic()
             for alert in list(self._active.values()):
@@ -460,7 +477,11 @@ class PrometheusAlerter:
             self._error(f"handshake_{handshake.failure}")
 
     def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None:
-        """One more crash in ``WebSocketHandlerCrashes`` (client resets do not count)."""
+        """One more crash in ``WebSocketHandlerCrashes`` (client resets do not count).
+
+        On the event loop: a few counter updates; the alert is built and fired by the
+        scheduler thread.
+        """
         if is_expected_failure(exc):
             return
         now = time.monotonic()
@@ -473,22 +494,10 @@ class PrometheusAlerter:
             self._crash_count += 1
             _bump(self._crash_routes, connection.route)
             _bump(self._crash_types, f"{type(exc).__module__}.{type(exc).__qualname__}")
-            count = self._crash_count
-            routes = _describe(self._crash_routes)
-            self.fire(
-                "WebSocketHandlerCrashes",
-                severity="critical",
-                summary=f"{count} WebSocket handler crash{'' if count == 1 else 'es'} "
-                f"on {', '.join(sorted(self._crash_routes))}",
-                description="Connection handlers raised unhandled exceptions (closed with "
-                "1011). Tracebacks are in Sentry and in the logs.",
-                annotations={
-                    "count": str(count),
-                    "routes": routes,
-                    "exception_types": _describe(self._crash_types),
-                },
-                resolve_after=self.crash_quiet_period,
-            )
+            self._crash_due = True
+            kick, self._builtins_due = not self._builtins_due, True
+        if kick:
+            self._kick()
 
     def connection_closed(self, connection: ConnectionRecord) -> None:
         """A connection that ended with an error (``error_type``) counts as an error."""
@@ -519,19 +528,58 @@ class PrometheusAlerter:
             if rate <= self.error_rate_threshold or now - self._storm_fired < 1.0:
                 return
             self._storm_fired = now
-            self.fire(
-                "WebSocketErrorStorm",
-                severity="warning",
-                summary=f"WebSocket errors at {rate:.3g}/s over {window}s "
-                f"(threshold {self.error_rate_threshold:g}/s)",
-                description="Connections end with errors or abnormal closes, or handshakes "
-                "fail, faster than the threshold.",
-                annotations={
-                    "rate_per_second": f"{rate:.3g}",
-                    "error_types": _describe(self._storm_kinds),
-                },
-                resolve_after=window,
-            )
+            self._storm_due = (rate, dict(self._storm_kinds))
+            kick, self._builtins_due = not self._builtins_due, True
+        if kick:
+            self._kick()
+
+    def _kick(self) -> None:
+        """Wake the scheduler: a built-in alert is due (once per scheduler round)."""
+        with self._lock:
+            if not self._closed:
+                self._start_threads()
+                self._sched_cond.notify()
+
+    def _fire_builtins(self) -> None:
+        """Fire the built-in alerts that are due (scheduler thread, or flush)."""
+        with self._builtins_lock:
+            with self._stats_lock:
+                if not self._builtins_due:
+                    return
+                self._builtins_due = False
+                crash = None
+                if self._crash_due:
+                    self._crash_due = False
+                    crash = (self._crash_count, dict(self._crash_routes), dict(self._crash_types))
+                storm, self._storm_due = self._storm_due, None
+            if crash is not None:
+                count, routes, types = crash
+                self.fire(
+                    "WebSocketHandlerCrashes",
+                    severity="critical",
+                    summary=f"{count} WebSocket handler crash{'' if count == 1 else 'es'} "
+                    f"on {', '.join(sorted(routes))}",
+                    description="Connection handlers raised unhandled exceptions (closed "
+                    "with 1011). Tracebacks are in Sentry and in the logs.",
+                    annotations={
+                        "count": str(count),
+                        "routes": _describe(routes),
+                        "exception_types": _describe(types),
+                    },
+                    resolve_after=self.crash_quiet_period,
+                )
+            if storm is not None:
+                rate, kinds = storm
+                self.fire(
+                    "WebSocketErrorStorm",
+                    severity="warning",
+                    summary=f"WebSocket errors at {rate:.3g}/s over {self._window}s "
+                    f"(threshold {self.error_rate_threshold:g}/s)",
+                    description="Connections end with errors or abnormal closes, or "
+                    "handshakes fail, faster than the threshold.",
+                    annotations={"rate_per_second": f"{rate:.3g}", "error_types": _describe(kinds)},
+                    resolve_after=self._window,
+                )
 
     # -- internals (called with self._lock held) ---------------------------------------------
 
@@ -633,8 +681,17 @@ class PrometheusAlerter:
         return wake
 
     def _schedule_loop(self) -> None:
-        with self._lock:
-            while not self._closed:
+        while True:
+            # Without _lock: fire() takes it.
+            try:
+                self._fire_builtins()
+            except Exception:  # pragma: no cover - a bug must not kill the scheduler
+                logger.exception("alerter %s: a built-in alert failed", self.name)
+            with self._lock:
+                if self._closed:
+                    return
+                if self._builtins_due:  # set while they were being fired
+                    continue
                 now = time.monotonic()
                 self._next_wake = _INF
                 wake = self._tick(now)
@@ -726,11 +783,10 @@ class PrometheusAlerter:
 
 _live: weakref.WeakSet[PrometheusAlerter] = weakref.WeakSet()
 
-#: Seconds each open alerter may take to deliver its queue when the interpreter exits.
-EXIT_TIMEOUT = 2.0
 
-
-@atexit.register
-def _close_all() -> None:  # pragma: no cover - runs at exit (tested in a subprocess)
+def _close_all(timeout: float) -> None:
+    """Exit hook: close every open alerter (deliver its queue) within ``timeout``
+    seconds in total, what is left of the shared shutdown deadline."""
+    deadline = time.monotonic() + timeout
     for alerter in list(_live):
-        alerter.close(EXIT_TIMEOUT)
+        alerter.close(max(0.0, deadline - time.monotonic()))

@@ -24,10 +24,12 @@ What is critical out of the box:
   ``alerter.resolve(name)``.
 
 Normal closures, ``ConnectionClosedOK``, ``CancelledError`` and client resets are not
-alerts: they are metrics. Every alerter does its network I/O on a background worker
-with a bounded queue; its self-metrics are ``ws_monitoring_alerts_total{sink, outcome}``
+alerts: they are metrics. Every alerter builds, scrubs and sends on background threads
+with bounded queues (:class:`Worker` for Sentry): on the event loop a crash only costs
+a few reads. Its self-metrics are ``ws_monitoring_alerts_total{sink, outcome}``
 (``sent``, ``failed``, ``retried``, ``dropped``) and
-``ws_monitoring_alert_queue_depth{sink}``.
+``ws_monitoring_alert_queue_depth{sink}``. When a server closes, its alerters flush
+side by side, within the shared shutdown deadline.
 
 :class:`SentryAlerter` needs the ``[sentry]`` extra and :class:`PrometheusAlerter` the
 ``[alertmanager]`` extra; both are imported lazily from this module.
@@ -41,10 +43,12 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 from ws_monitoring.config import Config
+from ws_monitoring.core import run_until
 from ws_monitoring.typing import Alerter, Data, MessageSink, Sink
 
 if TYPE_CHECKING:
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTCOMES",
     "AlertingSink",
+    "Worker",
     "alert_metrics",
     "build_sink",
     "fire_all",
@@ -131,6 +136,86 @@ def alert_metrics(registry: CollectorRegistry | None = None) -> AlertMetrics:
         if metrics is None:
             metrics = _metrics[target] = AlertMetrics(target)
         return metrics
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+class Worker:
+    """One daemon thread running queued jobs in order; at most ``size`` queued or running.
+
+    :meth:`submit` never blocks (a lock held for an append, and a notify): it is what a
+    sink event calls on the event loop, so that building, scrubbing and sending happen
+    here. The thread starts with the first job.
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"queue_size must be at least 1, got {size}")
+        self.name = name
+        self.size = size
+        self._jobs: deque[Callable[[], object]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        #: Jobs queued or running.
+        self.pending = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], object]) -> bool:
+        """Queue ``job``; ``False`` (not queued) when the queue is full or closed."""
+        with self._cond:
+            if self._closed or self.pending >= self.size:
+                return False
+            self._jobs.append(job)
+            self.pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"ws-monitoring-{self.name}", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                job = self._jobs.popleft()
+            try:
+                job()
+            except Exception:
+                logger.exception("alerter %s: a queued job failed", self.name)
+            finally:
+                with self._cond:
+                    self.pending -= 1
+                    if not self.pending:
+                        self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no job is queued or running."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> int:
+        """Take no more jobs; the thread ends after the one it runs. Returns how many
+        queued jobs were dropped (not started)."""
+        with self._cond:
+            self._closed = True
+            dropped = len(self._jobs)
+            self._jobs.clear()
+            self.pending -= dropped
+            self._cond.notify_all()
+        return dropped
 
 
 # -- fan-out --------------------------------------------------------------------------------
@@ -231,14 +316,14 @@ class AlertingSink:
         self._call(self._closed, connection)
 
     def shutdown(self, timeout: float) -> None:
-        """Flush every alerter within ``timeout`` seconds in total (they keep running:
-        an alerter may serve several servers; :meth:`Alerter.close` stops it)."""
+        """Flush every alerter, side by side, within ``timeout`` seconds (they keep
+        running: an alerter may serve several servers; :meth:`Alerter.close` stops it).
+        A Sentry that hangs does not keep Alertmanager from getting its alerts."""
         deadline = time.monotonic() + timeout
-        for alerter in self.alerters:
-            try:
-                alerter.flush(max(0.0, deadline - time.monotonic()))
-            except Exception:
-                logger.exception("alerter %s failed to flush", type(alerter).__name__)
+        run_until(
+            deadline,
+            [(f"{type(alerter).__name__}.flush", alerter.flush) for alerter in self.alerters],
+        )
 
 
 class AlertingMessageSink(AlertingSink):

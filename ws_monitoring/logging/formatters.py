@@ -1,30 +1,27 @@
 """Formatters: one record, three shapes (flat JSON, ECS, text), never an invalid line.
 
-The fields of a record (:class:`_Fields`) are built once from the record, the
-connection it is about (:data:`current_connection`, or the ``websocket`` websockets puts
-on its own records) and the current span; each format lays them out its own way. See
-:mod:`ws_monitoring.logging.setup` for the formats' field lists.
+The fields of a record (:class:`_Fields`) are built once from the record (the flat
+attributes of :mod:`ws_monitoring.logging.context`), the connection it is about
+(:data:`~ws_monitoring.logging.context.current_connection`, or the ``websocket``
+websockets puts on its own records) and the current span; each format lays them out its
+own way. See :mod:`ws_monitoring.logging.setup` for the formats' field lists.
 """
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import datetime
 import json
 import logging
 import logging.handlers
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ws_monitoring.core import record_of
 from ws_monitoring.privacy import JOURNAL_LOGGER, Privacy
 
-if TYPE_CHECKING:
-    from ws_monitoring.core import ConnectionRecord
+from .context import CONNECTION_FIELDS, EVENT_FIELDS, connection_of, missing_fields
 
 __all__ = [
     "DEFAULT_SERVICE",
@@ -32,28 +29,20 @@ __all__ = [
     "FORMATS",
     "EcsFormatter",
     "TextFormatter",
-    "current_connection",
 ]
 
 FORMATS = ("json", "ecs", "text")
 ECS_VERSION = "8.11.0"
 DEFAULT_SERVICE = "unknown_service:python"
 
-#: The connection whose handler is running in this task/thread (set by the lifecycle
-#: sink), so that any record logged inside a handler carries its id and route.
-current_connection: contextvars.ContextVar[ConnectionRecord | None] = contextvars.ContextVar(
-    "ws_monitoring_connection", default=None
-)
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message",
-    "asctime",
-    "taskName",
-    "ws",
-    "ws_connection",
-    "websocket",
-}
+_RESERVED = (
+    frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
+    | {"message", "asctime", "taskName", "websocket"}
+    | frozenset(CONNECTION_FIELDS)
+)
+_RESERVED_WITH_EVENT = _RESERVED | frozenset(EVENT_FIELDS)
+_EVENT_VALUES = EVENT_FIELDS[1:]  # after ws_event
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
     ord("\n"): "\\n",
     ord("\r"): "\\r",
@@ -64,6 +53,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
 _ECS_CONTEXT = {
     "connection_id": "websocket.connection_id",
     "route": "websocket.route",
+    "tenant": "websocket.tenant",
     "user_id": "user.id",
     "trace_id": "trace.id",
     "span_id": "span.id",
@@ -83,33 +73,6 @@ def _safe_str(value: object) -> str:
         return str(value)
     except Exception:
         return f"<unprintable {type(value).__name__}>"
-
-
-def _span_ids() -> tuple[str | None, str | None]:
-    # Only look if someone imported OpenTelemetry: no import means no active span.
-    trace = sys.modules.get("opentelemetry.trace")
-    if trace is None:
-        return None, None
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return None, None
-    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
-
-
-def _connection_of(record: logging.LogRecord) -> ConnectionRecord | None:
-    connection = getattr(record, "ws_connection", None)
-    if connection is not None:
-        return connection  # type: ignore[no-any-return]
-    connection = current_connection.get()
-    if connection is not None:
-        return connection
-    websocket = getattr(record, "websocket", None)
-    if websocket is not None:
-        try:
-            return record_of(websocket)
-        except ReferenceError:
-            return None
-    return None
 
 
 class _Fields:
@@ -154,7 +117,8 @@ class _Fields:
         self, record: logging.LogRecord, stack: str | None = None
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """(context fields, event fields, extras) of ``record``."""
-        connection = _connection_of(record)
+        attributes = record.__dict__
+        connection = connection_of(record)
         privacy = connection.monitor.privacy if connection is not None else self.privacy
         try:
             message = record.getMessage()
@@ -168,32 +132,37 @@ class _Fields:
             "service": self.service_name,
             **self.static_fields,
         }
-        if connection is not None:
-            fields["connection_id"] = connection.id
-            fields["route"] = connection.route
-            client = connection.client
-            if client.ip is not None:
-                fields["client_ip"] = client.ip
-            if client.user is not None:
-                fields["user_id"] = client.user
-        trace_id, span_id = _span_ids()
-        if trace_id is not None:
-            fields["trace_id"] = trace_id
-            fields["span_id"] = span_id
+        # The record's own (ws-monitoring's records, a ConnectionContextFilter), else the
+        # current connection's and span's.
+        context = missing_fields(attributes, connection)
+        for name in CONNECTION_FIELDS:
+            value = attributes.get(name, context.get(name))
+            if value is not None:
+                fields[name] = self.bound(value)
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             fields["error_type"] = type(exc).__name__
-            fields["error_message"] = self.clean(_safe_str(exc), privacy)
-        if stack is None and record.exc_info:
-            stack = logging.Formatter().formatException(record.exc_info)
-        if stack is None and record.exc_text:
-            stack = record.exc_text
-        if stack:
-            fields["stack_trace"] = self.clean(stack, privacy)
+            # The privacy layer's one rule for exception messages, in every sink.
+            if (text := privacy.exception_message(exc)) is not None:
+                fields["error_message"] = self.bound(text)
+            fields["stack_trace"] = self.bound(privacy.format_exception(exc))
+        else:
+            if stack is None and record.exc_info:
+                stack = logging.Formatter().formatException(record.exc_info)
+            if stack is None and record.exc_text:
+                stack = record.exc_text
+            if stack:
+                fields["stack_trace"] = self.clean(stack, privacy)
         # The lifecycle sink's fields are built from privacy-safe sources: no scrubbing.
-        event = getattr(record, "ws", None)
-        event = self.bound(event) if isinstance(event, Mapping) else {}
-        extras = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and k[0] != "_"}
+        event: dict[str, Any] = {}
+        reserved = _RESERVED
+        if "ws_event" in attributes:
+            event["event"] = self.bound(attributes["ws_event"])
+            for name in _EVENT_VALUES:
+                if name in attributes:
+                    event[name] = self.bound(attributes[name])
+            reserved = _RESERVED_WITH_EVENT
+        extras = {k: v for k, v in attributes.items() if k not in reserved and k[0] != "_"}
         if extras:
             extras = self.bound(privacy.scrub(extras) if self.scrub else extras)
         return fields, event, extras

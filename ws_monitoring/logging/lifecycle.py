@@ -1,6 +1,7 @@
 """Lifecycle logs: one record per connection event, on the ``ws_monitoring`` loggers.
 
-``ws_monitoring.lifecycle`` (INFO unless noted), each with an ``event`` field:
+``ws_monitoring.lifecycle`` (INFO unless noted), each with a ``ws_event`` attribute
+(written ``event`` by ``setup_logging(fmt="json")``, ``event.action`` in ECS):
 
 * ``handshake_rejected``: ``status``, ``route``, ``duration_s``; ``handshake_failed``
   (``failure``: ``invalid_request``, ``timeout``, ``connection_lost``...). Health
@@ -16,12 +17,17 @@
 whose client consented to ``"payload"``: then ``payload`` (text, cut to that many
 UTF-8 bytes) or ``payload_base64`` (binary), and ``payload_truncated``.
 
+Every field is a flat attribute of the record holding a plain value (no object), so
+the application's own formatter renders them as they are: the connection's
+``connection_id``, ``route``, ``client_ip`` and ``user_id`` (privacy-safe, from
+``record.client``; see :mod:`ws_monitoring.logging.context`), then the event's.
+
 The per-message sink exists only when ``ws_monitoring.messages`` is enabled for DEBUG
 when the server is built (call :func:`~ws_monitoring.logging.setup.setup_logging`
 first): otherwise this sink costs nothing per message. The close reason, raw request
-and raw client data are never logged: client fields come from ``record.client``
-through the formatter (:mod:`ws_monitoring.logging.setup`), which also reads the
-connection id and route of any record logged inside the handler.
+and raw client data are never logged. While a connection is open, its handler's
+context knows it (:data:`~ws_monitoring.logging.context.current_connection`), so that
+any record logged inside the handler can carry its fields too.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from ws_monitoring.config import Config
 from ws_monitoring.privacy import PURPOSE_PAYLOAD
 from ws_monitoring.typing import Data, Sink
 
-from .formatters import current_connection
+from .context import connection_fields, current_connection
 
 if TYPE_CHECKING:
     from ws_monitoring.core import ConnectionRecord, HandshakeRecord
@@ -59,7 +65,7 @@ class LifecycleLogSink:
         if not self.logger.isEnabledFor(_INFO):
             return
         fields: dict[str, Any] = {
-            "event": f"handshake_{handshake.outcome}",
+            "ws_event": f"handshake_{handshake.outcome}",
             "route": handshake.route,
             "duration_s": handshake.duration,
         }
@@ -70,16 +76,22 @@ class LifecycleLogSink:
         client_ip = _handshake_client_ip(handshake)
         if client_ip is not None:
             fields["client_ip"] = client_ip
-        self.logger.info("handshake %s", handshake.outcome, extra={"ws": fields})
+        self.logger.info("handshake %s", handshake.outcome, extra=fields)
 
     def connection_opened(self, connection: ConnectionRecord) -> None:
-        connection.context[_TOKEN] = current_connection.set(connection)
+        # No contextvars.Token kept per connection (memory): the previous value, only
+        # when there is one, is what connection_closed restores.
+        previous = current_connection.get()
+        current_connection.set(connection)
+        if previous is not None:
+            connection.context[_TOKEN] = previous
         if self.logger.isEnabledFor(_INFO):
             self.logger.info(
                 "connection opened",
                 extra={
-                    "ws_connection": connection,
-                    "ws": {"event": "connection_opened", "subprotocol": connection.subprotocol},
+                    **connection_fields(connection),
+                    "ws_event": "connection_opened",
+                    "subprotocol": connection.subprotocol,
                 },
             )
 
@@ -87,7 +99,7 @@ class LifecycleLogSink:
         self.logger.error(
             "handler crashed",
             exc_info=(type(exc), exc, exc.__traceback__),
-            extra={"ws_connection": connection, "ws": {"event": "handler_crashed"}},
+            extra={**connection_fields(connection), "ws_event": "handler_crashed"},
         )
 
     def connection_closed(self, connection: ConnectionRecord) -> None:
@@ -95,26 +107,21 @@ class LifecycleLogSink:
             self.logger.info(
                 "connection closed",
                 extra={
-                    "ws_connection": connection,
-                    "ws": {
-                        "event": "connection_closed",
-                        "duration_s": connection.age,
-                        "close_code": connection.close_code,
-                        "error_type": connection.error_type,
-                        "messages_in": connection.messages_received,
-                        "messages_out": connection.messages_sent,
-                        "bytes_in": connection.in_bytes,
-                        "bytes_out": connection.out_bytes,
-                    },
+                    **connection_fields(connection),
+                    "ws_event": "connection_closed",
+                    "duration_s": connection.age,
+                    "close_code": connection.close_code,
+                    "error_type": connection.error_type,
+                    "messages_in": connection.messages_received,
+                    "messages_out": connection.messages_sent,
+                    "bytes_in": connection.in_bytes,
+                    "bytes_out": connection.out_bytes,
                 },
             )
-        token = connection.context.pop(_TOKEN, None)
-        if token is not None:
-            try:
-                current_connection.reset(token)
-            except ValueError:
-                # Closed from another context than the one that opened it.
-                current_connection.set(None)
+        previous = connection.context.pop(_TOKEN, None)
+        # Closed from another context than the one that opened it: that one is left as is.
+        if current_connection.get() is connection:
+            current_connection.set(previous)
 
     def shutdown(self, timeout: float) -> None:
         """Nothing to flush: the logging handlers own the output."""
@@ -134,7 +141,8 @@ class MessageLogSink(LifecycleLogSink):
         binary = not isinstance(message, str)
         data = message.encode("utf-8", "surrogatepass") if isinstance(message, str) else message
         fields: dict[str, Any] = {
-            "event": "message_received",
+            **connection_fields(connection),
+            "ws_event": "message_received",
             "binary": binary,
             "size": len(data),
         }
@@ -146,7 +154,7 @@ class MessageLogSink(LifecycleLogSink):
             else:
                 fields["payload"] = cut.decode("utf-8", "ignore")
             fields["payload_truncated"] = len(data) > limit
-        self.messages.debug("message received", extra={"ws_connection": connection, "ws": fields})
+        self.messages.debug("message received", extra=fields)
         return None
 
     def message_finished(
@@ -160,12 +168,10 @@ class MessageLogSink(LifecycleLogSink):
             self.messages.debug(
                 "message handled",
                 extra={
-                    "ws_connection": connection,
-                    "ws": {
-                        "event": "message_handled",
-                        "duration_s": duration,
-                        "error_type": None if error is None else type(error).__name__,
-                    },
+                    **connection_fields(connection),
+                    "ws_event": "message_handled",
+                    "duration_s": duration,
+                    "error_type": None if error is None else type(error).__name__,
                 },
             )
 
@@ -174,8 +180,10 @@ class MessageLogSink(LifecycleLogSink):
             self.messages.debug(
                 "message sent",
                 extra={
-                    "ws_connection": connection,
-                    "ws": {"event": "message_sent", "binary": binary, "size": size},
+                    **connection_fields(connection),
+                    "ws_event": "message_sent",
+                    "binary": binary,
+                    "size": size,
                 },
             )
 

@@ -32,7 +32,10 @@ client fields come from the connection's :class:`~ws_monitoring.privacy.Client` 
 What is configured: the ``ws_monitoring`` and ``websockets`` loggers (levels, handlers,
 ``propagate=False`` so nothing reaches the application's root handlers twice), and the
 ``ws_monitoring.consent`` journal when ``consent_journal`` is given. The root logger
-is touched only with ``root=True``. ``websockets`` stays at INFO or above unless
+is touched only with ``root=True``; when the application already gave it handlers,
+``root=True`` adds none of its own but sends ws-monitoring's and websockets' records
+through them, each with a :class:`~ws_monitoring.logging.context.ConnectionContextFilter`
+(every line once, in the application's format). ``websockets`` stays at INFO or above unless
 ``websockets_level`` says otherwise, because its DEBUG lines carry frame payloads.
 Calling :func:`setup_logging` again first removes what the previous call installed.
 
@@ -49,26 +52,37 @@ I/O: by default records are formatted in the caller (so context-local state such
 the current connection and the current span is read where the record was made), then
 written by one background thread through a bounded queue (``queue_size``); when it is
 full, records are dropped and counted (:attr:`LoggingSetup.dropped`) instead of
-blocking an event loop. ``background=False`` writes synchronously.
+blocking an event loop. ``background=False`` writes synchronously. An output that
+fails to write (a full disk) reports it once on standard error and counts every record
+it loses (:mod:`ws_monitoring.logging.handlers`): no traceback per record.
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import logging
-import logging.handlers
 import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
 
 from ws_monitoring.config import Config
-from ws_monitoring.core import HANDSHAKE_ATTR, monitor_of, record_of
+from ws_monitoring.core import (
+    HANDSHAKE_ATTR,
+    at_exit,
+    forget_at_exit,
+    monitor_of,
+    record_of,
+    shutdown_step,
+)
 from ws_monitoring.privacy import JOURNAL_LOGGER, Privacy
 
+from .context import ConnectionContextFilter
 from .formatters import (
     DEFAULT_SERVICE,
     FORMATS,
@@ -80,11 +94,17 @@ from .formatters import (
     _Passthrough,
     _Router,
 )
+from .handlers import (
+    DroppingQueueHandler,
+    FileOutput,
+    Listener,
+    LoggingCollector,
+    RotatingFileOutput,
+    StreamOutput,
+    TimedRotatingFileOutput,
+)
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["LoggingSetup", "setup_logging"]
+__all__ = ["LoggingSetup", "configured", "setup_logging"]
 
 #: websockets' messages that the lifecycle logs replace (see module docstring).
 _WEBSOCKETS_LIFECYCLE = frozenset(
@@ -97,27 +117,6 @@ _WEBSOCKETS_LIFECYCLE = frozenset(
     }
 )
 _WEBSOCKETS_HANDSHAKE = frozenset({"connection rejected (%d %s)", "HTTP response sent (%d %s)"})
-
-
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Never blocks: when the queue is full the record is dropped and counted."""
-
-    def __init__(self, q: queue.Queue[Any]) -> None:
-        super().__init__(q)
-        self.dropped = 0
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-class _Listener(logging.handlers.QueueListener):
-    def enqueue_sentinel(self) -> None:
-        # The queue may be full: wait for room rather than fail to stop.
-        q: queue.Queue[Any] = self.queue  # type: ignore[assignment]
-        q.put(None, timeout=10.0)
 
 
 def _only(name: str, keep: bool) -> logging.Filter:
@@ -180,15 +179,20 @@ class LoggingSetup:
         *,
         handlers: list[logging.Handler],
         attached: list[tuple[logging.Logger, logging.Handler]],
-        listener: _Listener | None,
-        queue_handler: _DroppingQueueHandler | None,
+        listener: Listener | None,
+        queue_handler: DroppingQueueHandler | None,
         ws_filter: logging.Filter | None,
         propagate: dict[str, bool],
         levels: dict[str, int],
+        shared: list[tuple[logging.Handler, logging.Filter]] | None = None,
     ) -> None:
         #: The output handlers (stream, file, journal file).
         self.handlers = tuple(handlers)
+        #: The application's root handlers that ws-monitoring's records go through
+        #: (``root=True`` when the root logger already had handlers); empty otherwise.
+        self.shared_handlers = tuple(handler for handler, _ in shared or ())
         self._attached = attached
+        self._shared = list(shared or ())
         self._listener = listener
         self._queue_handler = queue_handler
         self._ws_filter = ws_filter
@@ -198,11 +202,18 @@ class LoggingSetup:
         self._lock = threading.Lock()
         for _, handler in attached:
             setattr(handler, _OWNER, self)
+        for _, context_filter in self._shared:
+            setattr(context_filter, _OWNER, self)
 
     @property
     def dropped(self) -> int:
         """Records dropped because the background queue was full."""
         return 0 if self._queue_handler is None else self._queue_handler.dropped
+
+    @property
+    def write_errors(self) -> int:
+        """Records dropped because an output failed to write them (a full disk...)."""
+        return sum(getattr(handler, "failures", 0) for handler in self.handlers)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far is written; False on timeout."""
@@ -214,19 +225,28 @@ class LoggingSetup:
                     return False
                 time.sleep(0.001)
         for handler in self.handlers:
-            handler.flush()
+            # A failing output's records were counted when they failed.
+            with contextlib.suppress(OSError, ValueError):
+                handler.flush()
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Write what is queued, detach and close every handler, and restore the levels
-        and ``propagate`` flags of the loggers it configured. Idempotent."""
+        and ``propagate`` flags of the loggers it configured. Idempotent.
+
+        Writing the queue takes ``timeout`` seconds at most, and never goes past the
+        shared shutdown deadline (:func:`ws_monitoring.core.shutdown_step`): at exit,
+        this runs by itself, side by side with the other sinks' exit hooks.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self.close)
+        forget_at_exit(self.close)
         for logger, handler in self._attached:
             logger.removeHandler(handler)
+        for handler, context_filter in self._shared:
+            handler.removeFilter(context_filter)
         if self._ws_filter is not None:
             logging.getLogger("websockets.server").removeFilter(self._ws_filter)
         for name, propagate in self._propagate.items():
@@ -234,19 +254,42 @@ class LoggingSetup:
         for name, level in self._levels.items():
             logging.getLogger(name or None).setLevel(level)
         if self._listener is not None:
-            self._listener.stop()
+            with shutdown_step(timeout) as deadline:
+                if not self._listener.stop_by(deadline):
+                    # Still writing: its handlers stay open for it (the process is ending).
+                    return
         for handler in self.handlers:
             handler.close()
+
+
+def _owner(item: object) -> LoggingSetup | None:
+    owner = getattr(item, _OWNER, None)
+    return owner if isinstance(owner, LoggingSetup) else None
 
 
 def _previous() -> set[LoggingSetup]:
     owners = set()
     for name in ("", "ws_monitoring", "websockets", JOURNAL_LOGGER):
         for handler in logging.getLogger(name or None).handlers:
-            owner = getattr(handler, _OWNER, None)
-            if isinstance(owner, LoggingSetup):
-                owners.add(owner)
+            for item in (handler, *handler.filters):
+                owner = _owner(item)
+                if owner is not None:
+                    owners.add(owner)
     return owners
+
+
+def configured() -> bool:
+    """Whether a :func:`setup_logging` call is in force (not closed since)."""
+    return bool(_previous())
+
+
+def _application_handlers() -> list[logging.Handler]:
+    """The root logger's handlers that write somewhere and are not ws-monitoring's."""
+    return [
+        handler
+        for handler in logging.getLogger().handlers
+        if _owner(handler) is None and not isinstance(handler, logging.NullHandler)
+    ]
 
 
 def setup_logging(
@@ -270,6 +313,7 @@ def setup_logging(
     max_field_length: int = 32_768,
     background: bool = True,
     queue_size: int = 10_000,
+    registry: CollectorRegistry | None = None,
 ) -> LoggingSetup:
     """Configure the ``ws_monitoring`` and ``websockets`` loggers (see the module doc).
 
@@ -287,8 +331,15 @@ def setup_logging(
         static_fields: fields added to every line (``{"deployment.environment": "prod"}``).
         consent_journal: file receiving the consent journal as JSON lines (appended,
             never rotated); its records then leave the main log.
-        root: also send the application's own records (root logger) through this
-            format; the root logger's level becomes ``level``.
+        root: one output for every record, the application's included. When the root
+            logger has no handler yet, this call's output goes on it (the root logger's
+            level becomes ``level``). When the application already gave it handlers,
+            ws-monitoring adds none (that would print every line twice): its records
+            and websockets' go through the application's handlers, each given a
+            :class:`~ws_monitoring.logging.context.ConnectionContextFilter`, so every
+            line is printed once, by the application's formatter, with the connection's
+            fields (``fmt`` and the formatting options then do not apply, and the root
+            logger's level is left alone). See :attr:`LoggingSetup.shared_handlers`.
         websockets_level: level of the ``websockets`` loggers; default ``level`` but at
             least INFO (its DEBUG lines contain payloads).
         suppress_websockets_lifecycle: drop websockets' lines the lifecycle logs replace.
@@ -298,12 +349,17 @@ def setup_logging(
         max_field_length: longest string field, in characters.
         background: write from a background thread through a bounded queue.
         queue_size: capacity of that queue, in records.
+        registry: the Prometheus registry counting dropped records
+            (``ws_monitoring_log_records_dropped_total{reason}``; default
+            prometheus_client's).
 
     Returns:
         A :class:`LoggingSetup` (``flush()``, ``close()``, ``dropped``, ``handlers``).
 
     Raises:
-        ValueError: an unknown ``fmt`` or level, or a non-positive size.
+        ValueError: an unknown ``fmt`` or level, or a non-positive size; ``root=True``
+            with ``stream`` or ``filename`` when the root logger already has the
+            application's handlers (a second output would print every line twice).
         ImportError: ``fmt="json"`` without python-json-logger installed.
     """
     if fmt not in FORMATS:
@@ -318,6 +374,14 @@ def setup_logging(
         raise ValueError("max_bytes and backup_count must be >= 0, interval and queue_size >= 1")
     if max_field_length < 16:
         raise ValueError("max_field_length must be at least 16 characters")
+    shared = _application_handlers() if root else []
+    if shared and (stream is not None or filename is not None):
+        raise ValueError(
+            "setup_logging(root=True): the root logger already has the application's "
+            f"handlers ({', '.join(map(repr, shared))}); ws-monitoring's records go "
+            "through them, and stream= or filename= would print every line twice: drop "
+            "them (or remove the root handlers first)"
+        )
     fields = _Fields(
         service_name or os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE,
         static_fields or {},
@@ -337,34 +401,31 @@ def setup_logging(
     for owner in _previous():
         owner.close()
 
+    LoggingCollector.for_registry(registry)
     outputs: list[logging.Handler] = []
-    if stream is not None or filename is None:
-        outputs.append(logging.StreamHandler(stream if stream is not None else sys.stderr))
+    if not shared and (stream is not None or filename is None):
+        outputs.append(StreamOutput(stream if stream is not None else sys.stderr))
     if filename is not None:
         if when is not None:
             outputs.append(
-                logging.handlers.TimedRotatingFileHandler(
+                TimedRotatingFileOutput(
                     filename, when, interval, backup_count, encoding="utf-8", utc=True
                 )
             )
         else:
             outputs.append(
-                logging.handlers.RotatingFileHandler(
+                RotatingFileOutput(
                     filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
                 )
             )
-    journal = (
-        logging.FileHandler(consent_journal, encoding="utf-8")
-        if consent_journal is not None
-        else None
-    )
+    journal = FileOutput(consent_journal, encoding="utf-8") if consent_journal is not None else None
 
     listener = None
     queue_handler = None
     main_entry: list[logging.Handler]
     journal_entry: list[logging.Handler] = []
     if background:
-        queue_handler = _DroppingQueueHandler(queue.Queue(queue_size))
+        queue_handler = DroppingQueueHandler(queue.Queue(queue_size))
         queue_handler.setFormatter(_Router(formatter, journal_formatter if journal else None))
         for output in outputs:
             output.setFormatter(_Passthrough())
@@ -376,7 +437,7 @@ def setup_logging(
             journal.addFilter(_only(JOURNAL_LOGGER, keep=True))
             targets.append(journal)
             journal_entry = [queue_handler]
-        listener = _Listener(queue_handler.queue, *targets)
+        listener = Listener(queue_handler.queue, *targets)
         listener.start()
         main_entry = [queue_handler]
     else:
@@ -389,14 +450,17 @@ def setup_logging(
 
     attached: list[tuple[logging.Logger, logging.Handler]] = []
     propagate: dict[str, bool] = {}
+    own_root = root and not shared
     levels = {
         name: logging.getLogger(name or None).level
-        for name in ("ws_monitoring", "websockets", JOURNAL_LOGGER, *([""] if root else []))
+        for name in ("ws_monitoring", "websockets", JOURNAL_LOGGER, *([""] if own_root else []))
     }
-    targets_loggers = [logging.getLogger()] if root else [
-        logging.getLogger("ws_monitoring"),
-        logging.getLogger("websockets"),
-    ]  # fmt: skip
+    if shared:
+        targets_loggers = []
+    elif root:
+        targets_loggers = [logging.getLogger()]
+    else:
+        targets_loggers = [logging.getLogger("ws_monitoring"), logging.getLogger("websockets")]
     for logger in targets_loggers:
         for handler in main_entry:
             logger.addHandler(handler)
@@ -407,8 +471,13 @@ def setup_logging(
         logger.propagate = root
     logging.getLogger("ws_monitoring").setLevel(main_level)
     logging.getLogger("websockets").setLevel(ws_level)
-    if root:
+    if own_root:
         logging.getLogger().setLevel(main_level)
+    shared_filters: list[tuple[logging.Handler, logging.Filter]] = []
+    for handler in shared:
+        context_filter = ConnectionContextFilter()
+        handler.addFilter(context_filter)
+        shared_filters.append((handler, context_filter))
     if journal is not None:
         journal_logger = logging.getLogger(JOURNAL_LOGGER)
         propagate[JOURNAL_LOGGER] = journal_logger.propagate
@@ -431,6 +500,7 @@ def setup_logging(
         ws_filter=ws_filter,
         propagate=propagate,
         levels=levels,
+        shared=shared_filters,
     )
-    atexit.register(setup.close)
+    at_exit(setup.close)
     return setup

@@ -18,11 +18,13 @@ aggregates are written as deltas into mmap-backed ``prometheus_client`` metrics 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from operator import add
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
@@ -48,7 +50,18 @@ from .exposition import (
     direct_exposition_format,
 )
 
-__all__ = ["MetricsSink", "Snapshot"]
+__all__ = ["Crash", "MetricsSink", "Snapshot"]
+
+
+class Crash(NamedTuple):
+    """One handler crash, as the logs tell it: no message, no client data."""
+
+    #: Unix time the connection closed.
+    time: float
+    route: str
+    #: The exception's class name.
+    error_type: str
+    close_code: int | None
 
 
 class _Histogram:
@@ -144,6 +157,39 @@ class Snapshot:
         self.errors: dict[tuple[str, str], int] = {}
         self.handshake_failures: dict[str, int] = {}
         self.handshake_duration = _Histogram(0)
+        #: With a ``tenant`` label (``config.tenant``): each tenant's own values (no
+        #: handshake values: those have no tenant), by tenant label; the fields above
+        #: are then their sums. ``None`` without a tenant label.
+        self.tenants: dict[str, Snapshot] | None = None
+
+    def copy(self) -> Snapshot:
+        """A copy of the connection values (not handshakes, not tenants) to change freely."""
+        other = Snapshot()
+        other.add(self)
+        return other
+
+    def add(self, other: Snapshot) -> None:
+        """Add ``other``'s connection values (not handshakes, not tenants) to these."""
+        for route, count in other.active.items():
+            self.active[route] = self.active.get(route, 0) + count
+        for route, count in other.opened.items():
+            self.opened[route] = self.opened.get(route, 0) + count
+        for route, totals in other.routes.items():
+            mine = self.routes.get(route)
+            if mine is None:
+                self.routes[route] = totals.copy()
+            else:
+                mine.add(totals)
+        for route, hist in other.conn_duration.items():
+            own = self.conn_duration.get(route)
+            if own is None:
+                own = self.conn_duration[route] = _Histogram(len(hist.counts) - 1)
+            own.counts = list(map(add, own.counts, hist.counts))
+            own.sum += hist.sum
+        for key, count in other.disconnections.items():
+            self.disconnections[key] = self.disconnections.get(key, 0) + count
+        for key, count in other.errors.items():
+            self.errors[key] = self.errors.get(key, 0) + count
 
 
 class MetricsSink:
@@ -166,6 +212,9 @@ class MetricsSink:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.layout = HistogramLayout(config)
+        #: Whether route-labelled families also have a ``tenant`` label.
+        self.tenant_label = config.tenant is not None
+        self._specs = _specs(tenant=self.tenant_label)
         self._names = {key: f"{config.namespace}_{spec.suffix}" for key, spec in _SPECS.items()}
         self._le: dict[str, tuple[str, ...]] = {
             key: (*map(floatToGoString, getattr(config, attr)), "+Inf")
@@ -174,14 +223,22 @@ class MetricsSink:
         self._writer = _Writer()
         self._lock = threading.Lock()
         self._live: set[ConnectionRecord] = set()
-        self._closed: dict[str, RouteTotals] = {}
-        self._opened: dict[str, int] = {}
-        self._conn_duration: dict[str, _Histogram] = {}
-        self._disconnections: dict[tuple[str, str], int] = {}
-        self._errors: dict[tuple[str, str], int] = {}
+        # Closed connections' values (``routes``), opened counts, connection durations,
+        # disconnections and errors, by tenant label ("" without a tenant label).
+        self._parts: dict[str, Snapshot] = {}
         self._handshake_failures: dict[str, int] = {}
         self._handshake_duration = _Histogram(len(config.handshake_buckets))
         self._bridge: multiprocess.MultiprocessBridge | None = None
+        self._crashes: deque[Crash] = deque(maxlen=self.CRASHES_KEPT)
+
+    #: Handler crashes :meth:`recent_crashes` keeps (the live page shows them).
+    CRASHES_KEPT: ClassVar[int] = 20
+
+    @classmethod
+    def of_registry(cls, registry: CollectorRegistry) -> list[MetricsSink]:
+        """The sinks counting into ``registry``, one per namespace."""
+        with cls._instances_lock:
+            return list(cls._instances.get(registry, {}).values())
 
     @classmethod
     def for_config(cls, config: Config) -> MetricsSink:
@@ -215,6 +272,12 @@ class MetricsSink:
                     f"metrics namespace {config.namespace!r} is already registered with other "
                     "buckets; use the same buckets or another namespace"
                 )
+            elif sink.tenant_label != (config.tenant is not None):
+                raise ValueError(
+                    f"metrics namespace {config.namespace!r} is already registered "
+                    f"with{'' if sink.tenant_label else 'out'} a tenant label; give every "
+                    "server a tenant= function, or none, or use another namespace"
+                )
             return sink
 
     # -- Sink ------------------------------------------------------------------------------
@@ -228,47 +291,62 @@ class MetricsSink:
                 status = handshake_status_label(handshake.status, handshake.failure)
                 self._handshake_failures[status] = self._handshake_failures.get(status, 0) + 1
 
+    def _part(self, tenant: str) -> Snapshot:
+        """The values of ``tenant`` (called with the lock held)."""
+        part = self._parts.get(tenant)
+        if part is None:
+            part = self._parts[tenant] = Snapshot()
+        return part
+
     def connection_opened(self, connection: ConnectionRecord) -> None:
         route = connection.route
         with self._lock:
             self._live.add(connection)
-            self._opened[route] = self._opened.get(route, 0) + 1
+            opened = self._part(connection.tenant).opened
+            opened[route] = opened.get(route, 0) + 1
 
     def handler_failed(self, connection: ConnectionRecord, exc: BaseException) -> None:
-        self._count_error(connection.route, "handler_exception")
+        with self._lock:
+            errors = self._part(connection.tenant).errors
+            key = (connection.route, "handler_exception")
+            errors[key] = errors.get(key, 0) + 1
 
     def connection_closed(self, connection: ConnectionRecord) -> None:
         route = connection.route
         code = close_code_label(connection.close_code)
         with self._lock:
             self._live.discard(connection)
-            totals = self._closed.get(route)
+            part = self._part(connection.tenant)
+            totals = part.routes.get(route)
             if totals is None:
-                totals = self._closed[route] = RouteTotals(self.layout.length)
+                totals = part.routes[route] = RouteTotals(self.layout.length)
             totals.add(connection)
-            hist = self._conn_duration.get(route)
+            hist = part.conn_duration.get(route)
             if hist is None:
-                hist = self._conn_duration[route] = _Histogram(
+                hist = part.conn_duration[route] = _Histogram(
                     len(self.config.connection_duration_buckets)
                 )
             hist.observe(self.config.connection_duration_buckets, connection.age)
             key = (route, code)
-            self._disconnections[key] = self._disconnections.get(key, 0) + 1
+            part.disconnections[key] = part.disconnections.get(key, 0) + 1
             kind = connection.error_type
             # Under the same lock: a scrape sees the close and its error together.
             if kind is not None and kind != "handler_exception":
                 key = (route, kind)
-                self._errors[key] = self._errors.get(key, 0) + 1
+                part.errors[key] = part.errors.get(key, 0) + 1
+            elif kind is not None:
+                error = type(connection.error).__name__
+                self._crashes.append(Crash(time.time(), route, error, connection.close_code))
+
+    def recent_crashes(self) -> list[Crash]:
+        """The last :attr:`CRASHES_KEPT` handler crashes, oldest first."""
+        with self._lock:
+            return list(self._crashes)
 
     def shutdown(self, timeout: float) -> None:
         """In multiprocess mode, publish the last values; otherwise nothing to flush."""
         if self._bridge is not None:
             self._bridge.flush()
-
-    def _count_error(self, route: str, kind: str) -> None:
-        with self._lock:
-            key = (route, kind)
-            self._errors[key] = self._errors.get(key, 0) + 1
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -277,33 +355,33 @@ class MetricsSink:
         snap = Snapshot()
         with self._lock:
             live = list(self._live)
-            snap.routes = {route: totals.copy() for route, totals in self._closed.items()}
-            snap.opened = dict(self._opened)
-            snap.conn_duration = {}
-            for route, hist in self._conn_duration.items():
-                copy = _Histogram(0)
-                copy.counts, copy.sum = list(hist.counts), hist.sum
-                snap.conn_duration[route] = copy
-            snap.disconnections = dict(self._disconnections)
-            snap.errors = dict(self._errors)
+            parts = {tenant: part.copy() for tenant, part in self._parts.items()}
             snap.handshake_failures = dict(self._handshake_failures)
             hs = _Histogram(0)
             hs.counts, hs.sum = list(self._handshake_duration.counts), self._handshake_duration.sum
             snap.handshake_duration = hs
         length = self.layout.length
-        by_route: dict[str, list[ConnectionRecord]] = {}
+        by_key: dict[tuple[str, str], list[ConnectionRecord]] = {}
         for record in live:
-            by_route.setdefault(record.route, []).append(record)
-        for n, (route, records) in enumerate(by_route.items()):
+            by_key.setdefault((record.tenant, record.route), []).append(record)
+        for n, ((tenant, route), records) in enumerate(by_key.items()):
             if n & 7 == 7:
                 _yield_gil()
-            snap.active[route] = len(records)
-            totals = snap.routes.get(route)
+            part = parts.get(tenant)
+            if part is None:
+                part = parts[tenant] = Snapshot()
+            part.active[route] = len(records)
+            totals = part.routes.get(route)
             if totals is None:
-                totals = snap.routes[route] = RouteTotals(length)
+                totals = part.routes[route] = RouteTotals(length)
             totals.add_all(records)
-        for route in snap.opened:
-            snap.active.setdefault(route, 0)
+        for part in parts.values():
+            for route in part.opened:
+                part.active.setdefault(route, 0)
+        if self.tenant_label:
+            snap.tenants = parts
+        for part in parts.values():
+            snap.add(part)
         return snap
 
     def collect(self) -> Iterator[Metric]:
@@ -353,15 +431,33 @@ class MetricsSink:
         cfg, layout = self.config, self.layout
         fams = {
             key: _Family(spec, self._names[key], self._le.get(key, ()))
-            for key, spec in _SPECS.items()
+            for key, spec in self._specs.items()
         }
-        fams["active"].values = [((route,), value) for route, value in sorted(snap.active.items())]
-        fams["opened"].values = [((route,), value) for route, value in sorted(snap.opened.items())]
-        fams["conn_duration"].histograms = [
-            ((route,), hist.counts, hist.sum, None)
-            for route, hist in sorted(snap.conn_duration.items())
-        ]
-        fams["disconnections"].values = sorted(snap.disconnections.items())
+        # Label values start with the route, then the tenant when there is a tenant label.
+        parts: list[tuple[tuple[str, ...], Snapshot]] = (
+            [((), snap)]
+            if snap.tenants is None
+            else [((tenant,), part) for tenant, part in snap.tenants.items()]
+        )
+        fams["active"].values = sorted(
+            ((route, *t), value) for t, part in parts for route, value in part.active.items()
+        )
+        fams["opened"].values = sorted(
+            ((route, *t), value) for t, part in parts for route, value in part.opened.items()
+        )
+        fams["conn_duration"].histograms = sorted(
+            (
+                ((route, *t), hist.counts, hist.sum, None)
+                for t, part in parts
+                for route, hist in part.conn_duration.items()
+            ),
+            key=_first,
+        )
+        fams["disconnections"].values = sorted(
+            ((route, *t, code), value)
+            for t, part in parts
+            for (route, code), value in part.disconnections.items()
+        )
         fams["handshake_failures"].values = [
             ((status,), value) for status, value in sorted(snap.handshake_failures.items())
         ]
@@ -373,19 +469,27 @@ class MetricsSink:
         size_in, size_out = layout.size_in, layout.size_out
         n_size = len(cfg.size_buckets) + 1
         start, end = layout.duration, layout.duration + len(cfg.duration_buckets) + 1
-        for route, t in sorted(snap.routes.items()):
+        routes = sorted(
+            (((route, *t), totals) for t, part in parts for route, totals in part.routes.items()),
+            key=_first,
+        )
+        for key, t in routes:
             messages += [
-                ((route, "received", "text"), t.in_text),
-                ((route, "received", "binary"), t.in_binary),
-                ((route, "sent", "text"), t.out_text),
-                ((route, "sent", "binary"), t.out_binary),
+                ((*key, "received", "text"), t.in_text),
+                ((*key, "received", "binary"), t.in_binary),
+                ((*key, "sent", "text"), t.out_text),
+                ((*key, "sent", "binary"), t.out_binary),
             ]
             h = t.h
-            size.append(((route, "received"), h[size_in : size_in + n_size], t.in_bytes, None))
-            size.append(((route, "sent"), h[size_out : size_out + n_size], t.out_bytes, None))
-            duration.append(((route,), h[start:end], t.handling_sum, t.exemplars))
-            rtt.append(((route,), h[layout.rtt : layout.length], t.rtt_sum, None))
-        fams["errors"].values = sorted(snap.errors.items())
+            size.append(((*key, "received"), h[size_in : size_in + n_size], t.in_bytes, None))
+            size.append(((*key, "sent"), h[size_out : size_out + n_size], t.out_bytes, None))
+            duration.append((key, h[start:end], t.handling_sum, t.exemplars))
+            rtt.append((key, h[layout.rtt : layout.length], t.rtt_sum, None))
+        fams["errors"].values = sorted(
+            ((route, *t, kind), value)
+            for t, part in parts
+            for (route, kind), value in part.errors.items()
+        )
         return list(fams.values())
 
 
@@ -440,6 +544,23 @@ _SPECS: dict[str, _Spec] = {
     "errors": _Spec("errors", "counter", "WebSocket errors, by type.", ("route", "type")),
     "rtt": _Spec("ping_rtt_seconds", "histogram", "Ping round-trip time in seconds.", ("route",)),
 }
+
+
+def _specs(*, tenant: bool) -> dict[str, _Spec]:
+    """:data:`_SPECS`, with a ``tenant`` label after ``route`` when ``tenant``."""
+    if not tenant:
+        return _SPECS
+    return {
+        key: spec._replace(labels=(*spec.labels[:1], "tenant", *spec.labels[1:]))
+        if spec.labels[:1] == ("route",)
+        else spec
+        for key, spec in _SPECS.items()
+    }
+
+
+def _first(item: tuple[Any, ...]) -> Any:
+    return item[0]
+
 
 #: Config attribute holding each histogram's bucket bounds.
 _BOUNDS = {

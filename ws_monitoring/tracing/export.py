@@ -45,6 +45,8 @@ from urllib.parse import urlsplit
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
+from ws_monitoring.core import shutdown_step
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -886,21 +888,24 @@ class ExportProcessor(SpanProcessor):
         return done.wait(max(0.0, timeout))
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Flush, then stop, within ``timeout`` seconds (``export_timeout`` by default).
+        """Flush, then stop, within ``timeout`` seconds and within the shared shutdown
+        deadline (:func:`ws_monitoring.core.shutdown_step`): the SDK's provider calls
+        this without a timeout, at exit too, and an export stuck on a collector that
+        never answers must not hold the process for ``export_timeout`` more.
 
-        Spans still queued at the deadline are dropped and counted (``shutdown``).
-        Idempotent; spans offered afterwards are dropped and counted too.
+        Spans still queued at the deadline are dropped and counted (``shutdown``); the
+        export in flight is abandoned (its connection is shut). Idempotent; spans
+        offered afterwards are dropped and counted too.
         """
         if self._stopping:
             return
-        limit = self.export_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        self.flush(limit)
-        self._stopping = True
-        self._closed = True
-        self.sender.close()
-        self._wake.set()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        with shutdown_step(timeout) as deadline:
+            self.flush(max(0.0, deadline - time.monotonic()))
+            self._stopping = True
+            self._closed = True
+            self.sender.close()
+            self._wake.set()
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         left = len(self._queue)
         self._queue.clear()
         if left:

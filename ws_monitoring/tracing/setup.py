@@ -130,8 +130,12 @@ server, and spans that do not fit are dropped and counted:
 ``shutdown``), next to
 ``ws_monitoring_spans_exported_total``, in the registry of the servers
 (``config.registry``, else prometheus_client's default). ``Tracing.shutdown(timeout)``
-flushes within that deadline. With an application's own provider, its processors do the
-exporting (and their drops are not counted here).
+flushes within that deadline, and within the one deadline that every step of stopping
+shares (:data:`ws_monitoring.core.SHUTDOWN_TIMEOUT`, 5 s, or
+``WS_MONITORING_SHUTDOWN_TIMEOUT``): closing a server flushes, and at exit the provider
+is shut down with what is left, so a collector that never answers delays the exit by
+that deadline, not by the export timeout. With an application's own provider, its
+processors do the exporting (and their drops are not counted here).
 
 Privacy: span attributes go through the server's :class:`~ws_monitoring.privacy.Privacy`
 scrubber; client addresses and user ids are the anonymized views unless the client
@@ -149,6 +153,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ws_monitoring.config import Config
+from ws_monitoring.core import at_exit, forget_at_exit, shutdown_step
 from ws_monitoring.typing import Sink
 
 if TYPE_CHECKING:
@@ -176,15 +181,15 @@ def build_sink(config: Config) -> Sink | None:
 
     ``None`` (the core then has no message sink for tracing) when ``config.tracing`` is
     false, ``OTEL_SDK_DISABLED=true``, or the OpenTelemetry SDK is not installed (then
-    with one warning per process).
+    with one warning per process if tracing was asked for: ``tracing=True``).
     """
     global _warned_missing
-    if not config.tracing or _sdk_disabled():
+    if config.tracing is False or _sdk_disabled():
         return None
     try:
         from .sink import TracingSink
     except ImportError as exc:  # pragma: no cover - tested in a subprocess without it
-        if not _warned_missing:
+        if config.tracing and not _warned_missing:
             _warned_missing = True
             logger.warning(
                 "tracing is on but OpenTelemetry is not installed (%s): no spans; install "
@@ -223,19 +228,23 @@ class Tracing:
         flush = getattr(self.provider, "force_flush", None)
         return bool(flush(int(timeout * 1000))) if flush is not None else True
 
-    def shutdown(self, timeout: float = 5.0) -> bool:
-        """Flush, then stop exporting, within ``timeout`` seconds; ``False`` if late.
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Flush, then stop exporting, within ``timeout`` seconds and within the shared
+        shutdown deadline (:func:`ws_monitoring.core.shutdown_step`); ``False`` if late.
 
         Blocks the calling thread (from async code: ``asyncio.to_thread``). Spans not
         sent by the deadline are dropped and counted. A provider that
-        :func:`setup_tracing` did not create is only flushed.
+        :func:`setup_tracing` did not create is only flushed. At exit, a provider it
+        created is shut down this way (the SDK's own exit hook, which would wait up to
+        the export timeout once more, is off).
         """
-        if not self.owned or self.processor is None or self.provider is None:
-            return self.force_flush(timeout)
-        deadline = time.monotonic() + timeout
-        flushed = self.processor.flush(timeout)
-        self.processor.shutdown(max(0.0, deadline - time.monotonic()))
-        self.provider.shutdown()  # type: ignore[attr-defined]
+        with shutdown_step(timeout) as deadline:
+            if not self.owned or self.processor is None or self.provider is None:
+                return self.force_flush(max(0.0, deadline - time.monotonic()))
+            forget_at_exit(self.shutdown)
+            flushed = self.processor.flush(max(0.0, deadline - time.monotonic()))
+            self.processor.shutdown(max(0.0, deadline - time.monotonic()))
+            self.provider.shutdown()  # type: ignore[attr-defined]
         return flushed
 
     def __enter__(self) -> Tracing:
@@ -305,10 +314,15 @@ def setup_tracing(
         ValueError: an unknown protocol or compression, a ratio outside [0, 1], an
             invalid endpoint or ``OTEL_BSP_*`` value.
     """
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    from opentelemetry.util.re import parse_env_headers
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.util.re import parse_env_headers
+    except ImportError as exc:
+        raise ImportError(
+            "setup_tracing() needs OpenTelemetry's SDK: pip install 'ws-monitoring[tracing]'"
+        ) from exc
 
     from . import export as otlp_export
     from .sink import SCOPE, MonitoringTracerProvider
@@ -391,9 +405,14 @@ def setup_tracing(
         export_timeout=timeout,
     )
     # sampler=None lets the SDK read OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
-    provider = MonitoringTracerProvider(processor, sampler=sampler, resource=resource)
+    provider = MonitoringTracerProvider(
+        processor, sampler=sampler, resource=resource, shutdown_on_exit=False
+    )
     trace.set_tracer_provider(provider)
-    return Tracing(provider, owned=True, processor=processor)
+    tracing = Tracing(provider, owned=True, processor=processor)
+    # Instead of the provider's own exit hook: within the shared shutdown deadline.
+    at_exit(tracing.shutdown)
+    return tracing
 
 
 # -- the handler's tracer ------------------------------------------------------------------

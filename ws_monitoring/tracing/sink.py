@@ -69,7 +69,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from websockets.datastructures import Headers
 
 from ws_monitoring.config import Config
-from ws_monitoring.privacy import PURPOSE_PAYLOAD, Privacy
+from ws_monitoring.privacy import Privacy
+from ws_monitoring.privacy import exception_type as _exception_type
 from ws_monitoring.typing import NOT_SAMPLED
 
 from . import export as otlp
@@ -358,8 +359,9 @@ _ERROR = StatusCode.ERROR.value
 #: Encoded size and type attributes of messages, by ``size * 2 + binary`` (bounded).
 _MESSAGE_ATTRS: dict[int, bytes] = {}
 _MAX_MESSAGE_ATTRS = 1024
-#: Client-view attributes: already anonymized or consented, not scrubbed again.
-_CLIENT_KEYS = ("client.address", "user.id")
+#: Client-view attributes (already anonymized or consented) and bounded labels (the
+#: same values as the metrics'): not scrubbed again.
+_CLIENT_KEYS = ("client.address", "user.id", "messaging.destination.name", "websocket.tenant")
 
 
 class _Constant:
@@ -383,16 +385,19 @@ def _span_names(route: str) -> dict[str, str]:
 
 
 class _Conn:
-    """The tracing state of one connection, in ``record.context["otel"]``."""
+    """The tracing state of one connection, in ``record.context["otel"]``.
+
+    Kept small for idle connections: what only kept spans need (their constant parts,
+    the encoded link to the handshake span) is built by the first one.
+    """
 
     __slots__ = (
+        "_link",
         "backend",
         "constants",
         "handshake",
-        "link",
         "names",
         "parent",
-        "privacy",
         "quiet",
         "skip",
     )
@@ -405,19 +410,13 @@ class _Conn:
         in_connection_trace: bool,
     ) -> None:
         self.backend = backend
-        self.privacy: Privacy = record.monitor.privacy
         self.handshake = handshake
         #: Parent of every message span (the handshake span), or None: each its own trace.
         self.parent = handshake if in_connection_trace else None
-        self.link = (
-            otlp.link(
-                handshake.trace_id, handshake.span_id, handshake.trace_flags, handshake.is_remote
-            )
-            if handshake is not None
-            else b""
-        )
+        self._link: bytes | None = None
         self.names = _span_names(record.route)
-        self.constants: dict[str, _Constant] = {}
+        #: Constant parts of kept spans, per operation; None until the first one.
+        self.constants: dict[str, _Constant] | None = None
         #: Token of the unsampled context shared by this connection's unsampled messages.
         self.quiet: contextvars.Token[Context] | None = None
         #: Root messages still to leave unsampled (:meth:`_Backend.skips`) when sampling
@@ -427,6 +426,19 @@ class _Conn:
         countdown = backend.fast_root_bound is not None and not backend.sample_all
         self.skip: float = -1 if countdown and self.parent is None else 0
 
+    @property
+    def link(self) -> bytes:
+        """The encoded link to the handshake span (b"" without one), built on first use."""
+        link = self._link
+        if link is None:
+            hs = self.handshake
+            link = self._link = (
+                otlp.link(hs.trace_id, hs.span_id, hs.trace_flags, hs.is_remote)
+                if hs is not None
+                else b""
+            )
+        return link
+
     def links(self, parent: SpanContext | None) -> tuple[Link, ...]:
         """Each span links to the handshake span, unless that is its parent."""
         hs = self.handshake
@@ -434,9 +446,11 @@ class _Conn:
 
     def rebuild(self, record: ConnectionRecord, operation: str) -> _Constant:
         """(Re)build the constant parts of ``operation``'s spans, for ``record.client``."""
+        if self.constants is None:
+            self.constants = {}
         const = self.constants[operation] = _Constant(
             self.names[operation],
-            _connection_attributes(record, self.privacy, operation),
+            _connection_attributes(record, record.monitor.privacy, operation),
             record.client,
             operation,
         )
@@ -464,6 +478,8 @@ def _connection_attributes(
     if operation is not None:
         attrs["messaging.operation.type"] = operation
         attrs["messaging.operation.name"] = operation
+    if record.tenant:
+        attrs["websocket.tenant"] = record.tenant
     attrs.update(_client_attributes(record.client))
     return privacy.scrub(attrs, keep=_CLIENT_KEYS)
 
@@ -478,28 +494,17 @@ _MAX_FRAMES = 32
 _MAX_TEXT = 4096
 
 
-def _exception_type(exc: BaseException) -> str:
-    """The exception's class, qualified by its module unless a builtin."""
-    cls = type(exc)
-    if cls.__module__ in ("builtins", "__main__"):
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _exception_attributes(exc: BaseException, client: Client, privacy: Privacy) -> dict[str, Any]:
-    """The ``exception`` event's attributes: type and frames; the message only with consent.
-
-    An exception message often quotes the payload that caused it, so it is emitted
-    (scrubbed) only for clients that consented to ``payload``.
-    """
+    """The ``exception`` event's attributes: type and frames; the message by the privacy
+    layer's one rule for every sink (``config.exception_messages``)."""
     name = _exception_type(exc)
     frames = "".join(traceback.format_tb(exc.__traceback__, limit=-_MAX_FRAMES))
     attrs: dict[str, Any] = {
         "exception.type": name,
         "exception.stacktrace": f"Traceback (most recent call last):\n{frames}{name}"[-_MAX_TEXT:],
     }
-    if client.allows(PURPOSE_PAYLOAD):
-        attrs["exception.message"] = privacy.scrub_text(str(exc))[:_MAX_TEXT]
+    if (message := privacy.exception_message(exc)) is not None:
+        attrs["exception.message"] = message[:_MAX_TEXT]
     return attrs
 
 
@@ -631,7 +636,7 @@ class TracingSink:
         elif handshake.outcome == "failed":
             attrs["error.type"] = handshake.failure or "error"
         # The server's own privacy layer: same key, so the same pseudonyms as its logs.
-        attrs = handshake.monitor.privacy.scrub(attrs)
+        attrs = handshake.monitor.privacy.scrub(attrs, keep=("http.route",))
         # The Host header names this server, not the client: kept when well-formed.
         if request is not None:
             hosts = request.headers.get_all("Host")
@@ -671,7 +676,7 @@ class TracingSink:
             f"close {connection.route}", context=parent_ctx, kind=SpanKind.INTERNAL, start_time=at
         )
         if span.is_recording():
-            attrs = _connection_attributes(connection, conn.privacy, None)
+            attrs = _connection_attributes(connection, connection.monitor.privacy, None)
             attrs["websocket.close.code"] = connection.close_code or 0
             attrs["websocket.close.reason.length"] = len(
                 connection.close_reason.encode("utf-8", "surrogatepass")
@@ -686,7 +691,9 @@ class TracingSink:
             if connection.error is not None:
                 span.add_event(
                     "exception",
-                    _exception_attributes(connection.error, connection.client, conn.privacy),
+                    _exception_attributes(
+                        connection.error, connection.client, connection.monitor.privacy
+                    ),
                     timestamp=at,
                 )
         span.end(end_time=at)
@@ -907,7 +914,7 @@ def _emit(
 ) -> None:
     """Export one kept message span: pre-encoded when possible, else as an SDK span."""
     backend = conn.backend
-    const = conn.constants.get(operation)
+    const = conn.constants.get(operation) if conn.constants is not None else None
     # ``grant``/``withdraw`` replace record.client: rebuild what depends on it.
     if const is None or const.client is not connection.client:
         const = conn.rebuild(connection, operation)
@@ -933,7 +940,7 @@ def _emit(
             rest: tuple[bytes, ...] = (const.encoded_attrs, message_attrs, link)
         else:
             name = _exception_type(error)
-            exc_attrs = _exception_attributes(error, connection.client, conn.privacy)
+            exc_attrs = _exception_attributes(error, connection.client, connection.monitor.privacy)
             rest = (
                 const.encoded_attrs,
                 message_attrs,
@@ -958,7 +965,7 @@ def _emit(
         name = _exception_type(error)
         attrs["error.type"] = name
         status = Status(StatusCode.ERROR, name)
-        attrs_exc = _exception_attributes(error, connection.client, conn.privacy)
+        attrs_exc = _exception_attributes(error, connection.client, connection.monitor.privacy)
         events = (Event("exception", attrs_exc, end),)
     backend.span_processor.on_end(
         ReadableSpan(
