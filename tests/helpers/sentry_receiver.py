@@ -182,9 +182,10 @@ def reset_sentry(timeout: float = 2.0) -> None:
     client = sentry_sdk.get_client()
     if client.is_active():
         client.close(timeout=timeout)
-    sentry_sdk.get_global_scope().set_client(None)
-    sentry_sdk.get_isolation_scope().set_client(None)
-    sentry_sdk.get_current_scope().set_client(None)
+    # The Scope class methods: sentry-sdk 2.0 (the floor) has no sentry_sdk.get_global_scope().
+    sentry_sdk.Scope.get_global_scope().set_client(None)
+    sentry_sdk.Scope.get_isolation_scope().set_client(None)
+    sentry_sdk.Scope.get_current_scope().set_client(None)
 
 
 @contextmanager
