@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench bench-quick venv system-deps clean
+.PHONY: demo test matrix lint bench bench-quick venv system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,14 @@ test: $(STAMP) system-deps lint
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 	$(PY) -m benchmarks --quick
+	$(VENV)/bin/nox -t matrix -- --reduced $(MATRIX_ARGS)
+
+# Every session of noxfile.py (README: Supported versions) runs the whole suite.
+matrix: $(STAMP) system-deps
+	$(VENV)/bin/nox -t matrix -- $(MATRIX_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache build ws_monitoring/_speedups*.so
+	rm -rf $(VENV) .nox .coverage .coverage.* .mypy_cache .ruff_cache build ws_monitoring/_speedups*.so

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from . import crash_storm, harness, report
+from . import crash_storm, harness, labels, report
 from .breakdown import breakdown
 from .instructions import instructions
 from .procs import Receiver, ServerProcess, cpu_plan, raise_fd_limit
@@ -39,9 +39,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, help="idle connections (default 5000)")
     parser.add_argument(
         "--only",
-        default="main,scaling,memory,lag,crash,breakdown",
+        default="main,scaling,memory,lag,crash,labels,breakdown",
         help="comma-separated sections: main, scaling, memory (includes scrapes), lag, crash, "
-        "breakdown, profile, instructions (callgrind; not in the default set)",
+        "labels, breakdown, profile, instructions (callgrind; not in the default set)",
     )
     parser.add_argument("--variants", help="comma-separated subset of the main variants")
     parser.add_argument("--profile", action="store_true", help="also profile the servers")
@@ -295,6 +295,9 @@ class Suite:
             if "crash" in self.sections:
                 with self.section("crash storm"), ExitStack() as own:
                     self.results["crash_storm"] = crash_storm.run(self, own)
+            if "labels" in self.sections:
+                with self.section("long labels"), ExitStack() as own:
+                    self.results["labels"] = labels.run(self, own)
             exports = self.receiver.command("stats")
             self.results["exports"] = exports
         spans = exports["spans"]
@@ -316,7 +319,11 @@ class Suite:
         png_path = os.path.join(out, f"{stem}.png{suffix}")
         report.write_json(self.results, json_path)
         drew = report.chart(self.results, png_path) if "main" in self.sections else False
-        print(report.table(self.results) + crash_storm.table(self.results))
+        print(
+            report.table(self.results)
+            + crash_storm.table(self.results)
+            + labels.table(self.results)
+        )
         print(f"\nResults: {json_path}" + (f", chart: {png_path}" if drew else ""))
         return 1 if self.errors else 0
 

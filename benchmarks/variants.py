@@ -263,12 +263,14 @@ SERVERS: dict[str, ServerSpec] = {
     "sync-defaults": ServerSpec(True, _no_async, _sync_ws_monitoring("defaults")),
 }
 
-# The crash-storm row brings its own servers (it imports this module only when one starts).
-from . import crash_storm  # noqa: E402
+# The crash-storm and long-labels rows bring their own servers (they import this module
+# only when one starts).
+from . import crash_storm, labels  # noqa: E402
 
 SERVERS.update(
     {name: ServerSpec(False, start, _no_sync) for name, start in crash_storm.SERVERS.items()}
 )
+SERVERS.update({name: ServerSpec(False, start, _no_sync) for name, start in labels.SERVERS.items()})
 
 # uvicorn + FastAPI, bare and with the ASGI middleware (built on the names above).
 from . import asgi as _asgi  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -112,14 +113,14 @@ LIVE_LINE = re.compile(
 class DemoProcess:
     """``ws-monitoring demo ARGS`` in a process of its own, its output in files."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.ws_port, self.metrics_port = free_port(), free_port()
         self.out_path, self.err_path = tmp_path / "stdout", tmp_path / "stderr"
         with self.out_path.open("w") as out, self.err_path.open("w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ws_monitoring.cli", "demo", "--port", str(self.ws_port),
                  "--metrics-port", str(self.metrics_port), *args],
-                stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
 
     @property
@@ -180,7 +181,8 @@ def test_ten_seconds_of_console_output(tmp_path: Path) -> None:
     assert all(LOG_LINE.match(line) for line in others), [
         line for line in others if not LOG_LINE.match(line)
     ]
-    assert sum("connection closed" in line for line in others) > 10
+    for event in ("connection opened", "connection closed", "handshake rejected"):
+        assert any(f" {event} " in line for line in others), event
     # On standard output: the URLs, one curl line, live summaries, the summary table.
     assert f"Metrics:          {url}" in out
     (curl,) = [line for line in out.splitlines() if "curl " in line]
@@ -237,6 +239,7 @@ def test_spans_go_to_the_otlp_endpoint_given(tmp_path: Path) -> None:
             "--alertmanager: alertmanager_url: expected an http(s) URL",
         ),
         (["--sentry"], "--sentry needs a DSN: set SENTRY_DSN="),
+        (["--log-level", "LOUD"], "--log-level: level='LOUD': not a logging level"),
     ],
 )
 def test_a_mistake_is_one_clear_line(
@@ -252,3 +255,18 @@ def test_a_mistake_is_one_clear_line(
     (line,) = [line for line in err.splitlines() if "error:" in line]
     assert line.startswith("ws-monitoring demo: error: ")
     assert message in line
+
+
+def test_sentry_gets_the_crash_on_purpose(tmp_path: Path) -> None:
+    from tests.helpers.sentry_receiver import SentryReceiver
+
+    receiver = SentryReceiver()
+    try:
+        env = {**os.environ, "SENTRY_DSN": receiver.dsn}
+        demo = DemoProcess(tmp_path, "--duration", "3", "--no-tracing", "--sentry", env=env)
+        assert demo.wait() == 0, demo.stderr[-3000:]
+        (event,) = receiver.wait_for_events(1)
+        (exception,) = event["exception"]["values"]
+        assert exception["value"] == "demo: the handler crashed on purpose"
+    finally:
+        receiver.close()

@@ -765,3 +765,46 @@ def test_tenant_options_are_validated() -> None:
     with pytest.raises(TypeError, match=r"^tenant: expected a function or None"):
         Config(tenant="X-Tenant")  # type: ignore[arg-type]
     assert Config(tenant=by_header, tenants=("a", "b")).tenants == frozenset({"a", "b"})
+
+
+def test_tenant_mapper_edge_cases(caplog: pytest.LogCaptureFixture) -> None:
+    from websockets.datastructures import Headers
+
+    from ws_monitoring.labels import NO_TENANT, OTHER_TENANT, TenantMapper
+    from ws_monitoring.privacy import Privacy
+
+    names: list[object] = []
+
+    def tenant_of(request: Request) -> str | None:
+        name = names.pop()
+        if name == "boom":
+            raise RuntimeError("bug in the user's function")
+        return name  # type: ignore[return-value]
+
+    def tenant(name: object) -> str:
+        names.append(name)
+        return tenants(Request("/chat", Headers()))
+
+    config = Config(tenant=tenant_of, max_tenants=4, pseudonym_key=b"k" * 32)
+    tenants = TenantMapper(config, Privacy(config))
+    assert tenants(None) == NO_TENANT
+    assert [tenant(name) for name in (None, 42, "")] == [NO_TENANT] * 3
+    with caplog.at_level("WARNING", logger="ws_monitoring"):
+        assert [tenant("boom") for _ in range(3)] == [NO_TENANT] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "tenant function raised RuntimeError: tenant unknown"
+    ]
+    # A client cannot pose as a fixed value, nor send a name that cleans to nothing.
+    assert tenant("__none__") == OTHER_TENANT
+    assert tenant("\x1b\x07") == OTHER_TENANT
+    # Names are scrubbed (an email becomes its pseudonym), cleaned and capped.
+    email = tenant("ops@example.com")
+    assert email.startswith("user:")
+    assert "example" not in email
+    assert tenant("\x1b[1macme" + "x" * 100) == "[1macme" + "x" * 56 + "…"
+    # Full (4, the free half filled by the two above): others are __other__.
+    assert tenant("acme") == OTHER_TENANT
+    assert [tenant("acme") for _ in range(2)] == [OTHER_TENANT, "acme"]
+    assert tenants.folded == 2  # the first two sightings of acme (refusals are not folds)
+    with pytest.raises(ValueError, match=r"needs config\.tenant"):
+        TenantMapper(Config(), Privacy(Config()))

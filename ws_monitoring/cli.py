@@ -122,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_format is not None or not configured():
         try:
             logs = setup_logging(args.log_level, fmt=args.log_format or "text", stream=sys.stderr)
-        except (ImportError, ValueError) as exc:
+        except ValueError as exc:
+            demo.error(f"--log-level: {exc}")
+        except ImportError as exc:
             print(f"ws-monitoring demo: {exc}", file=sys.stderr)
             return 1
     try:

@@ -82,8 +82,11 @@ async def _abrupt_disconnect(url: str) -> None:
         client.transport.abort()
 
 
-async def _client_session(base: str, rng: random.Random) -> None:
-    kind = rng.random()
+async def _client_session(
+    base: str, rng: random.Random, kind: float | None = None, app_close: bool = False
+) -> None:
+    """One synthetic client; ``kind`` (in [0, 1)) picks the scenario, default at random."""
+    kind = rng.random() if kind is None else kind
     try:
         if kind < 0.45:
             async with connect(f"{base}/echo") as client:
@@ -99,7 +102,7 @@ async def _client_session(base: str, rng: random.Random) -> None:
                 for _ in range(rng.randint(2, 10)):
                     await client.send(f"hello from {room}")
                     await asyncio.sleep(rng.random() * 0.2)
-                code = 4000 + rng.randint(0, 99) if rng.random() < 0.2 else 1000
+                code = 4000 + rng.randint(0, 99) if app_close or rng.random() < 0.2 else 1000
                 await client.close(code)
         elif kind < 0.83:
             await _abrupt_disconnect(f"{base}/echo")
@@ -135,7 +138,12 @@ async def _listener(url: str, stop: asyncio.Event) -> None:
                     await asyncio.wait_for(client.recv(), 0.5)
 
 
+#: One client of each scenario first, so that every metric moves within a second.
+_TOUR = (0.0, 0.5, 0.8, 0.85, 0.95)
+
+
 async def _clients(base: str, stop: asyncio.Event, rng: random.Random) -> None:
+    await asyncio.gather(*(_client_session(base, rng, kind, app_close=True) for kind in _TOUR))
     while not stop.is_set():
         await asyncio.gather(*(_client_session(base, rng) for _ in range(4)))
         await _stopped(stop, 0.3)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,9 +28,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import ws_monitoring
 from tests.helpers.asgi import SERVERS, asgi_server, upgrade_request
 from tests.helpers.asgi_apps import fastapi_app, quart_app, starlette_app
+from tests.helpers.leak import ClosedCounter
 from tests.helpers.scrape import Samples, scrape
 from tests.helpers.servers import async_wait_until, settled, wait_until
 from ws_monitoring.asgi import MonitoringMiddleware, route_template
+from ws_monitoring.config import OPTION_NAMES, Config
 from ws_monitoring.logging.setup import LoggingSetup, setup_logging
 
 ECHO = "/echo/{room}"
@@ -437,24 +441,12 @@ async def test_the_readme_example_runs_as_written() -> None:
     assert samples.get("websocket_messages_total", direction="sent", type="text", **route) == 1
 
 
-class Shutdowns:
-    """A real sink that records when it is flushed."""
+class Shutdowns(ClosedCounter):
+    """A real sink that also records when it is flushed."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.timeouts: list[float] = []
-        self.closed = 0
-
-    def handshake_finished(self, handshake: Any) -> None:
-        pass
-
-    def connection_opened(self, connection: Any) -> None:
-        pass
-
-    def handler_failed(self, connection: Any, exc: BaseException) -> None:
-        pass
-
-    def connection_closed(self, connection: Any) -> None:
-        self.closed += 1
 
     def shutdown(self, timeout: float) -> None:
         self.timeouts.append(timeout)
@@ -480,20 +472,16 @@ async def test_lifespan_shutdown_flushes_the_sinks(
 
 @pytest.fixture
 def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """JSON lines of ws_monitoring's loggers and of the test application's."""
     stream = io.StringIO()
-    # Root's own output here, as in an application that leaves logging to ws-monitoring:
-    # pytest's capture handlers step aside (setup_logging refuses to print beside them).
-    root = logging.getLogger()
-    handlers = root.handlers[:]
-    for handler in handlers:
-        root.removeHandler(handler)
-    setup: LoggingSetup = setup_logging("INFO", stream=stream, background=False, root=True)
+    setup: LoggingSetup = setup_logging("INFO", stream=stream, background=False)
+    app_logger = logging.getLogger("tests.asgi_app")
+    app_logger.addHandler(setup.handlers[0])
     try:
         yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
     finally:
+        app_logger.removeHandler(setup.handlers[0])
         setup.close()
-        for handler in handlers:
-            root.addHandler(handler)
 
 
 async def test_logs_a_crash_once_with_the_connection(
@@ -563,12 +551,32 @@ def test_options_are_checked() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         pass
 
-    with pytest.raises(TypeError, match="rutes"):
-        MonitoringMiddleware(app, rutes=["/a"])
+    message = "MonitoringMiddleware(): unknown option 'rutes'; did you mean 'routes'?"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        MonitoringMiddleware(app, rutes=["/a"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_routes"):
+        MonitoringMiddleware(app, max_routes="5")
+    config = Config(metrics=False)
+    assert MonitoringMiddleware(app, config=config).monitor.config is config
+    replaced = MonitoringMiddleware(app, config=config, tracing=False).monitor.config
+    assert (replaced.metrics, replaced.tracing) == (False, False)
     with pytest.raises(ValueError, match="max_routes"):
         MonitoringMiddleware(app, max_routes=0)
     with pytest.raises(TypeError, match="ASGI application"):
         MonitoringMiddleware(None)  # type: ignore[arg-type]
+
+
+def test_its_options_are_instruments() -> None:
+    """The middleware takes Config's fields, typed as instrument() types them."""
+    from typing import get_overloads
+
+    def options(function: Callable[..., Any]) -> list[tuple[str, Any]]:
+        parameters = inspect.signature(function).parameters.values()
+        return [(p.name, p.annotation) for p in parameters if p.kind is p.KEYWORD_ONLY]
+
+    expected = options(get_overloads(ws_monitoring.instrument)[0])
+    assert options(MonitoringMiddleware.__init__) == expected
+    assert [name for name, _ in expected] == ["config", *OPTION_NAMES]
 
 
 async def test_http_and_lifespan_scopes_pass_through() -> None:
@@ -624,6 +632,34 @@ def test_instrument_refuses_framework_endpoints_and_applications() -> None:
     for application in (app, Quart("q"), asgi_app):
         with pytest.raises(TypeError, match="MonitoringMiddleware"):
             ws_monitoring.instrument(application)
+
+
+async def test_an_unannotated_starlette_handler_runs_unmonitored_and_says_so(
+    registry: CollectorRegistry,
+    scrape_metrics: Callable[[], Samples],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without annotations, instrument() cannot tell: the first connection does."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    @ws_monitoring.instrument(registry=registry)
+    async def endpoint(websocket):  # type: ignore[no-untyped-def]  # as in Starlette's docs
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    with asgi_server(app, "uvicorn-sansio") as running:
+        for _ in range(2):
+            async with connect(running.url("/ws")) as client:
+                await exchange(client, "hi")  # served as without instrument()
+                assert await closed_code(client) == 1000
+    errors = [r.getMessage() for r in caplog.records if r.name == "ws_monitoring"]
+    assert len(errors) == 1, errors
+    assert "starlette.websockets.WebSocket is not a websockets.asyncio" in errors[0]
+    assert "wrap the application in ws_monitoring.asgi.MonitoringMiddleware" in errors[0]
+    assert scrape_metrics().total("websocket_connections_total") == 0
 
 
 def test_instrument_still_takes_annotated_websockets_handlers() -> None:

@@ -18,36 +18,15 @@ from tests.alerting.test_sink import prom_alerter
 from tests.helpers.alertmanager import running_alertmanager
 from tests.helpers.asgi import asgi_server
 from tests.helpers.asgi_apps import fastapi_app
+from tests.helpers.leak import ClosedCounter
 from tests.helpers.sentry_receiver import SentryReceiver, reset_sentry, sentry_receiver
 from tests.helpers.servers import async_wait_until
 from ws_monitoring.alerting import SentryAlerter
 
 
-class Closed:
-    """A real sink counting closed connections, to wait on a condition."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def handshake_finished(self, handshake: Any) -> None:
-        pass
-
-    def connection_opened(self, connection: Any) -> None:
-        pass
-
-    def handler_failed(self, connection: Any, exc: BaseException) -> None:
-        pass
-
-    def connection_closed(self, connection: Any) -> None:
-        self.count += 1
-
-    def shutdown(self, timeout: float) -> None:
-        pass
-
-
 async def crash(alerters: list[Any], paths: list[str], server: str = "uvicorn-sansio") -> None:
     """Crash one connection per path on a real FastAPI app; wait until all are closed."""
-    closed = Closed()
+    closed = ClosedCounter()
     app = fastapi_app([], metrics=False, tracing=False, alerters=alerters, sinks=[closed])
     with asgi_server(app, server) as running:
         for path in paths:
@@ -57,7 +36,7 @@ async def crash(alerters: list[Any], paths: list[str], server: str = "uvicorn-sa
                 await client.send("crash")
                 with contextlib.suppress(ConnectionClosed):
                     await client.recv()
-        await async_wait_until(lambda: closed.count == len(paths), what="closed connections")
+        await async_wait_until(lambda: closed.closed == len(paths), what="closed connections")
 
 
 async def test_crashes_become_one_aggregated_alertmanager_alert(

@@ -9,8 +9,6 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.util._once import Once
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -19,17 +17,12 @@ from tests.helpers.asgi import asgi_server
 from tests.helpers.asgi_apps import fastapi_app
 from tests.helpers.otlp import OtlpHttpReceiver, ReceivedSpan, http_receiver
 from tests.helpers.servers import HOST
+from tests.tracing.test_setup import _reset_globals
 from ws_monitoring.tracing.setup import setup_tracing
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
 ROUTE = "/echo/{room}"
-
-
-def _reset_globals() -> None:
-    # What OpenTelemetry's own test utilities do: the global provider is set-once.
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
 
 
 @pytest.fixture

@@ -12,6 +12,10 @@ and what is enabled, then drives traffic until its standard input closes:
 * handshakes rejected with 404;
 * long-lived connections on both routes that answer keepalive pings (ping RTT).
 
+Every connection names its tenant in ``X-Tenant`` (``tenant=``, ``tenants=`` allow-list):
+echo traffic is ``acme``'s, chat traffic ``globex``'s, the resets ``initech``'s
+(``__other__``).
+
 It is a separate process because tracing installs a global tracer provider, and
 because its self-metrics (alert and span sinks) live in the default registry.
 """
@@ -36,6 +40,14 @@ from websockets.http11 import Request, Response
 import ws_monitoring
 
 ROUTES = ["/echo", "/chat/{room}"]
+#: The allow-listed tenants (the X-Tenant header): echo traffic is acme's, chat globex's.
+TENANTS = ["acme", "globex"]
+ACME = {"X-Tenant": "acme"}
+GLOBEX = {"X-Tenant": "globex"}
+
+
+def tenant_of(request: Request) -> str | None:
+    return request.headers.get("X-Tenant")
 
 
 async def handler(ws: ServerConnection) -> None:
@@ -54,7 +66,7 @@ def process_request(ws: ServerConnection, request: Request) -> Response | None:
 
 
 async def echo_session(base: str) -> None:
-    async with connect(f"{base}/echo") as client:
+    async with connect(f"{base}/echo", additional_headers=ACME) as client:
         for index in range(6):
             await client.send(f"hello {index}")
             await client.recv()
@@ -65,7 +77,7 @@ async def echo_session(base: str) -> None:
 
 
 async def chat_session(base: str) -> None:
-    async with connect(f"{base}/chat/lobby") as client:
+    async with connect(f"{base}/chat/lobby", additional_headers=GLOBEX) as client:
         for index in range(3):
             await client.send(f"chat {index}")
             await client.recv()
@@ -73,7 +85,7 @@ async def chat_session(base: str) -> None:
 
 
 async def crash_session(base: str) -> None:
-    async with connect(f"{base}/echo") as client:
+    async with connect(f"{base}/echo", additional_headers=ACME) as client:
         await client.send("before the crash")
         await client.recv()
         await client.send("crash")
@@ -81,7 +93,8 @@ async def crash_session(base: str) -> None:
 
 
 async def reset_session(base: str) -> None:
-    async with connect(f"{base}/echo") as client:
+    # A tenant outside the allow-list: counted as __other__.
+    async with connect(f"{base}/echo", additional_headers={"X-Tenant": "initech"}) as client:
         await client.send("about to vanish")
         await client.recv()
         sock = client.transport.get_extra_info("socket")
@@ -96,8 +109,8 @@ async def rejected_session(base: str) -> None:
             pass
 
 
-async def listener(url: str, stop: asyncio.Event) -> None:
-    async with connect(url, ping_interval=None) as client:
+async def listener(url: str, tenant: dict[str, str], stop: asyncio.Event) -> None:
+    async with connect(url, ping_interval=None, additional_headers=tenant) as client:
         closed = asyncio.ensure_future(client.wait_closed())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -165,6 +178,8 @@ async def main(args: argparse.Namespace) -> None:
             "127.0.0.1",
             0,
             routes=ROUTES,
+            tenant=tenant_of,
+            tenants=TENANTS,
             ping_interval=0.3,
             process_request=process_request,
             tracing=tracing,
@@ -184,8 +199,8 @@ async def main(args: argparse.Namespace) -> None:
                 flush=True,
             )
             listeners = [
-                asyncio.create_task(listener(f"{base}/echo", stop)),
-                asyncio.create_task(listener(f"{base}/chat/lobby", stop)),
+                asyncio.create_task(listener(f"{base}/echo", ACME, stop)),
+                asyncio.create_task(listener(f"{base}/chat/lobby", GLOBEX, stop)),
             ]
             await traffic(base, stop)
             await asyncio.gather(*listeners, return_exceptions=True)

@@ -334,6 +334,29 @@ def test_dashboards_structure() -> None:
                         assert window == "$__rate_interval", (name, panel["title"], expr)
     assert uids == {"ws-monitoring-overview", "ws-monitoring-route"}
 
+    # The overview's tenant variable filters every family that has a tenant label (the
+    # route-labelled ones, ws_monitoring/metrics/sink.py); "All" matches servers without.
+    overview = dashboards["websocket-overview.json"]
+    tenant = stack.variables(overview)["tenant"]
+    assert (
+        tenant["definition"]
+        == 'label_values(websocket_connections_total{service=~"$service"}, tenant)'
+    )
+    assert (tenant["multi"], tenant["includeAll"], tenant["allValue"]) == (True, True, ".*")
+    tenant_families = re.compile(
+        r"websocket_(connections_active|connections_total|connection_duration_seconds_\w+|"
+        r"disconnections_total|messages_total|message_size_bytes_\w+|"
+        r"message_duration_seconds_\w+|errors_total|ping_rtt_seconds_\w+)\{([^}]*)\}"
+    )
+    filtered = 0
+    for panel, target in stack.prometheus_targets(overview):
+        for match in tenant_families.finditer(target["expr"]):
+            assert 'tenant=~"$tenant"' in match.group(2), (panel["title"], target["expr"])
+            filtered += 1
+        if "websocket_handshake" in target["expr"]:
+            assert "tenant" not in target["expr"], panel["title"]
+    assert filtered >= 10
+
     route = dashboards["websocket-route.json"]
     assert {"instance", "route"} <= set(stack.variables(route))
     logs = [p for p in stack.panels(route) if p["type"] == "logs"]

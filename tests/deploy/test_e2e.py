@@ -320,7 +320,10 @@ def variable_values(run: Run, dashboard: dict[str, Any]) -> dict[str, list[str]]
 def test_dashboard_variables_have_real_values(run: Run) -> None:
     wait_for_full_windows(run)
     overview = stack.dashboards()["websocket-overview.json"]
-    assert DEMO_SERVICE in variable_values(run, overview)["service"]
+    offered = variable_values(run, overview)
+    assert DEMO_SERVICE in offered["service"]
+    # The e2e app's allow-listed tenants, and the resets' tenant outside it.
+    assert {"acme", "globex", "__other__"} <= set(offered["tenant"])
     route = stack.dashboards()["websocket-route.json"]
     values = variable_values(run, route)
     assert run.app.instance in values["instance"]
@@ -339,7 +342,12 @@ def test_every_dashboard_query_returns_data(run: Run) -> None:
         # service, its instance, the /echo route (which has every kind of traffic);
         # text boxes stay empty.
         offered = variable_values(run, dashboard)
-        chosen = {"service": DEMO_SERVICE, "instance": run.app.instance, "route": "/echo"}
+        chosen = {
+            "service": DEMO_SERVICE,
+            "instance": run.app.instance,
+            "route": "/echo",
+            "tenant": "acme",  # the echo traffic's tenant
+        }
         values: dict[str, str] = {}
         for name, var in stack.variables(dashboard).items():
             if var["type"] == "query":
@@ -364,6 +372,38 @@ def test_every_dashboard_query_returns_data(run: Run) -> None:
         assert not [s for s in run.skipped if "spans_dropped" in s], run.skipped
     if run.app.alerting:
         assert not [s for s in run.skipped if "ws_monitoring_alert" in s], run.skipped
+
+
+def test_tenant_variable_filters_the_overview(run: Run) -> None:
+    wait_for_full_windows(run)
+    dashboard = stack.dashboards()["websocket-overview.json"]
+    (panel,) = [p for p in stack.panels(dashboard) if p["title"] == "Active connections"]
+    template = panel["targets"][0]["expr"]
+    assert 'tenant=~"$tenant"' in template
+    tenant = stack.variables(dashboard)["tenant"]
+    assert (tenant["multi"], tenant["includeAll"], tenant["allValue"]) == (True, True, ".*")
+
+    def active(tenants: list[str] | None) -> dict[str, float]:
+        values = {"service": DEMO_SERVICE, "tenant": tenants or ["ALL"]}
+        expr = stack.interpolate(template, dashboard, values)
+        if tenants is None:
+            # "All": Grafana puts allValue in, as it is.
+            expr = expr.replace('tenant=~"ALL"', f'tenant=~"{tenant["allValue"]}"')
+        return {s["metric"]["route"]: float(s["value"][1]) for s in run.prometheus.query(expr)}
+
+    # The long-lived listeners: acme's on /echo, globex's on /chat/{room}.
+    acme, globex = active(["acme"]), active(["globex"])
+    assert acme.get("/echo", 0) >= 1
+    assert "/chat/{room}" not in acme or acme["/chat/{room}"] == 0
+    assert globex.get("/chat/{room}", 0) >= 1
+    assert "/echo" not in globex or globex["/echo"] == 0
+    # Several tenants join as a regex; All is every series, tenant label or not.
+    both = active(["acme", "globex"])
+    assert set(both) >= {"/echo", "/chat/{room}"}
+    everything = active(None)
+    unfiltered = template.replace(', tenant=~"$tenant"', "")
+    expr = stack.interpolate(unfiltered, dashboard, {"service": DEMO_SERVICE})
+    assert set(everything) == {s["metric"]["route"] for s in run.prometheus.query(expr)}
 
 
 def test_route_variable_is_escaped_like_grafana(run: Run) -> None:

@@ -32,9 +32,9 @@ from ws_monitoring import MetricsServer, start_metrics_server
 from ws_monitoring.metrics import live as live_module
 
 
-def live_json(server: MetricsServer, **kwargs: Any) -> dict[str, Any]:
+def live_json(server: MetricsServer, url: str | None = None, **kwargs: Any) -> dict[str, Any]:
     assert server.live_url is not None
-    status, content_type, body = fetch(server.live_url + ".json", **kwargs)
+    status, content_type, body = fetch(url or server.live_url + ".json", **kwargs)
     assert (status, content_type) == (200, "application/json"), body
     return json.loads(body)  # type: ignore[no-any-return]
 
@@ -170,6 +170,29 @@ async def test_live_json_describes_a_driven_scenario(
         route: {key: [None, value] for key, value in quantiles.items()}
         for route, quantiles in latency.items()
     }
+    assert doc["partial"] is False
+    # A page that polls asks for what it does not have: the second sample alone.
+    since = history["t"][0]
+    newer = await asyncio.to_thread(
+        live_json, metrics_server, url=f"{metrics_server.live_url}.json?since={since!r}"
+    )
+    assert newer["partial"] is True
+    assert newer["history"]["t"] == history["t"][1:]
+    assert newer["history"]["opened"] == [4]
+    assert newer["history"]["dt"] == history["dt"][1:]
+    assert newer["history"]["latency"] == {
+        route: {key: [value] for key, value in quantiles.items()}
+        for route, quantiles in latency.items()
+    }
+    assert {k: v for k, v in newer.items() if k not in ("history", "partial")} == {
+        k: v for k, v in doc.items() if k not in ("history", "partial")
+    }
+    # A time it does not know (or garbage): the whole history.
+    for query in ("?since=12.5", "?since=x"):
+        whole = await asyncio.to_thread(
+            live_json, metrics_server, url=f"{metrics_server.live_url}.json{query}"
+        )
+        assert (whole["partial"], whole["history"]) == (False, history)
     [crash] = doc["crashes"]
     assert crash.pop("time") == pytest.approx(doc["time"], abs=30)
     assert crash == {"route": "/chat/{room}", "error_type": "ValueError", "close_code": 1011}

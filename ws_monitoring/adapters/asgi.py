@@ -42,18 +42,24 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any, Never
 
 from websockets.datastructures import Headers
 from websockets.frames import Close, Opcode
 from websockets.http11 import Request, Response
 
-from ws_monitoring.config import Config
+from ws_monitoring.config import OPTION_NAMES, Config, unknown_option
 from ws_monitoring.core import RECORD_ATTR, ConnectionRecord, HandshakeRecord, Monitor
 
-from .instrument import build_monitor
+from .instrument import DEFAULT, _config, _given, build_monitor
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from ws_monitoring.config import ExceptionMessages, RouteGrouping
+    from ws_monitoring.typing import Alerter, Data, Sink
 
 __all__ = ["MonitoringMiddleware"]
 
@@ -347,21 +353,67 @@ class MonitoringMiddleware:
 
     ``MonitoringMiddleware(app, **options)`` wraps any ASGI application, or
     ``app.add_middleware(MonitoringMiddleware, **options)`` in Starlette and FastAPI.
-    Options are the fields of :class:`~ws_monitoring.Config`, as for
-    :func:`~ws_monitoring.instrument`. ``http`` scopes are passed through untouched;
-    ``lifespan`` scopes too, except that the sinks are flushed (spans, alerts; 5 s at
-    most) before ``lifespan.shutdown.complete`` reaches the server.
+    Options are the fields of :class:`~ws_monitoring.Config` (or ``config=Config(...)``),
+    as for :func:`~ws_monitoring.instrument`; ``health_path`` has no use here. ``http``
+    scopes are passed through untouched; ``lifespan`` scopes too, except that the sinks
+    are flushed (spans, alerts; within the shutdown deadline, 5 s) before
+    ``lifespan.shutdown.complete`` reaches the server.
 
     Raises:
-        TypeError: an unknown option, or ``app`` is not callable.
+        TypeError: an unknown option or a value of the wrong type, or ``app`` is not
+            callable.
         ValueError: an invalid option value.
     """
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    # The parameters are Config's fields, as for instrument() (tests/adapters/test_asgi.py
+    # checks that the lists stay the same); ``**unknown`` gives a misspelled option
+    # ws_monitoring's own error, and type checkers reject it (nothing is a Never).
+    def __init__(
+        self,
+        app: ASGIApp,
+        /,
+        *,
+        config: Config | None = None,
+        metrics: bool = DEFAULT,
+        namespace: str = DEFAULT,
+        registry: CollectorRegistry | None = DEFAULT,
+        routes: RouteGrouping | None = DEFAULT,
+        max_routes: int = DEFAULT,
+        unmatched_route: str = DEFAULT,
+        overflow_route: str = DEFAULT,
+        size_buckets: Sequence[float] = DEFAULT,
+        duration_buckets: Sequence[float] = DEFAULT,
+        connection_duration_buckets: Sequence[float] = DEFAULT,
+        handshake_buckets: Sequence[float] = DEFAULT,
+        rtt_buckets: Sequence[float] = DEFAULT,
+        health_path: str | None = DEFAULT,
+        tracing: bool | None = DEFAULT,
+        trace_slow_threshold: float | None = DEFAULT,
+        trace_messages_in_connection_trace: bool = DEFAULT,
+        trace_sent_messages: bool = DEFAULT,
+        context_from_message: Callable[[Data], Mapping[str, str] | None] | None = DEFAULT,
+        log_lifecycle: bool = DEFAULT,
+        log_payloads: int | None = DEFAULT,
+        trusted_proxies: Sequence[str] = DEFAULT,
+        pseudonymize_ips: bool = DEFAULT,
+        pseudonym_key: bytes | None = DEFAULT,
+        consent_resolver: Callable[[Request], Any] | None = DEFAULT,
+        user_id_resolver: Callable[[Request], str | None] | None = DEFAULT,
+        route_from_path: bool = DEFAULT,
+        exception_messages: ExceptionMessages = DEFAULT,
+        tenant: Callable[[Request], str | None] | None = DEFAULT,
+        tenants: Collection[str] | None = DEFAULT,
+        max_tenants: int = DEFAULT,
+        alerters: Sequence[Alerter] = DEFAULT,
+        sinks: Sequence[Sink] = DEFAULT,
+        **unknown: Never,
+    ) -> None:
+        for name in unknown:
+            raise unknown_option(name, ("config", *OPTION_NAMES), "MonitoringMiddleware()")
         if not callable(app):
             raise TypeError(f"expected an ASGI application, got {app!r}")
         self.app = app
-        self.monitor = build_monitor(Config.from_options(**options))
+        self.monitor = build_monitor(_config(config, _given(locals())))
         #: Lets ``privacy_of``/``grant_user`` find this monitor.
         self.__ws_monitoring__ = self.monitor
 

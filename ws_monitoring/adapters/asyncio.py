@@ -217,6 +217,10 @@ def _time_recv(connection: Any, record: ConnectionRecord) -> None:
 _UNSUPPORTED: set[type] = set()
 
 
+#: Frameworks whose handlers get their own objects, not a websockets connection.
+_FRAMEWORKS = frozenset({"starlette", "fastapi", "quart", "aiohttp"})
+
+
 def _unsupported(connection: object) -> None:
     """Say once per class that connections not made by ``websockets.asyncio`` go unmonitored."""
     cls = type(connection)
@@ -224,6 +228,15 @@ def _unsupported(connection: object) -> None:
         return
     _UNSUPPORTED.add(cls)
     legacy = any(c.__module__.startswith("websockets.legacy") for c in cls.__mro__)
+    framework = cls.__module__.partition(".")[0]
+    advice = (
+        "Serve it with websockets.asyncio.server.serve or ws_monitoring.serve()"
+        if framework not in _FRAMEWORKS
+        else f"For {framework}, wrap the application in ws_monitoring.asgi.MonitoringMiddleware"
+        if framework != "aiohttp"
+        else "aiohttp servers are not supported: use ws_monitoring.serve(), or an ASGI "
+        "framework with ws_monitoring.asgi.MonitoringMiddleware"
+    )
     logger.error(
         "ws_monitoring.instrument(): %s.%s is not a websockets.asyncio.server.ServerConnection; "
         "connections of this server run unmonitored. %s",
@@ -234,7 +247,7 @@ def _unsupported(connection: object) -> None:
         "(https://websockets.readthedocs.io/en/stable/howto/upgrade.html) or use "
         "ws_monitoring.serve()"
         if legacy
-        else "Serve it with websockets.asyncio.server.serve or ws_monitoring.serve()",
+        else advice,
     )
 
 

@@ -222,8 +222,8 @@ class WebsocketsIntegration(Integration):
         except ImportError:  # pragma: no cover - websockets is a dependency
             raise DidNotEnable("websockets is not installed") from None
         major, minor = (int(part) for part in version.split(".")[:2])
-        if (major, minor) < (13, 1):  # pragma: no cover - the dependency requires 13.1
-            raise DidNotEnable(f"websockets {version} is too old: 13.1 or newer is needed")
+        if (major, minor) < (17, 2):  # pragma: no cover - the dependency requires 17.2
+            raise DidNotEnable(f"websockets {version} is too old: 17.2 or newer is needed")
         add_global_event_processor(_drop_duplicates)
 
 

@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from importlib import resources
-from itertools import pairwise
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -68,16 +67,17 @@ class _Sample:
         "close_codes",
         "closed",
         "crashes",
+        "dt",
         "errors",
         "exemplars",
         "handshake_failures",
-        "increase",
         "latency",
         "messages_in",
         "messages_out",
         "mono",
         "opened",
         "own",
+        "row",
         "tracing",
         "unix",
     )
@@ -105,9 +105,12 @@ class _Sample:
         self.tracing = False
         #: None: no sink to ask (another registry, multiprocess mode).
         self.crashes: list[Crash] | None = None
-        # Since the previous sample (set by LivePage._derive).
-        self.increase: dict[str, Any] = {}
+        # Set by LivePage._derive: handling-time quantiles since the previous sample, and
+        # this sample's history entries, ready for the JSON: (series, label...) -> value.
         self.latency: dict[str, dict[str, float | None]] = {}
+        self.row: dict[tuple[str, ...], float | int | None] = {}
+        #: Seconds since the previous sample (None for the first).
+        self.dt: float | None = None
 
 
 def _add(table: dict[str, float], key: str, value: float) -> None:
@@ -246,15 +249,17 @@ class LivePage:
             self._html = resources.files(__package__).joinpath("live.html").read_bytes()
         return self._html
 
-    def json(self) -> bytes:
+    def json(self, since: float | None = None) -> bytes:
         """``/live.json``: :meth:`document` as UTF-8 JSON."""
-        return json.dumps(self.document(), separators=(",", ":"), allow_nan=False).encode()
+        document = self.document(since)
+        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
 
-    def document(self) -> dict[str, Any]:
+    def document(self, since: float | None = None) -> dict[str, Any]:
         """A sample if the last is :data:`INTERVAL` old, then the page's data.
 
         Keys: ``version`` (1), ``time`` (of the latest sample, unix), ``namespace``,
-        ``multiprocess``, ``interval_s``, ``metrics_path``; ``unavailable`` ({figure:
+        ``multiprocess``, ``interval_s``, ``history_size``, ``max_age_s``,
+        ``metrics_path``; ``unavailable`` ({figure:
         why} for what this mode or setup lacks: ``crashes``, ``slowest``, ``logging``);
         ``totals`` (cumulative: ``connections`` open, ``opened``, ``closed``,
         ``messages_in``/``_out``, ``bytes_in``/``_out``, and by label ``errors``,
@@ -270,6 +275,11 @@ class LivePage:
         ``metric``, ``labels``, ``value``); ``slowest`` (the slowest message with a trace
         id among the exemplars of the last :data:`MAX_AGE` seconds: ``trace_id``,
         ``seconds``, ``route``, ``time``; or null).
+
+        With ``since`` (``?since=``), the ``time`` of a sample still kept: ``history``
+        holds only the samples after it, increases and quantiles included, and
+        ``partial`` is true (a page that polls appends them to what it has). Otherwise
+        the whole history, and ``partial`` is false.
         """
         with self._lock:
             now = time.monotonic()
@@ -281,7 +291,8 @@ class LivePage:
             # After a gap (nobody watched), only recent samples make a history.
             while now - samples[0].mono > MAX_AGE:
                 samples.popleft()
-            return self._describe(list(samples))
+            kept = list(samples)
+        return self._describe(kept, since)
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -308,25 +319,38 @@ class LivePage:
 
     @staticmethod
     def _derive(sample: _Sample, previous: _Sample | None) -> None:
-        """What happened between ``previous`` and ``sample``: increases, quantiles."""
+        """What happened between ``previous`` and ``sample``: increases, quantiles.
+
+        Computed once per sample, so that each ``/live.json`` only gathers them.
+        """
+        row = sample.row
+        for route, value in sample.active.items():
+            row["connections", route] = _num(value)
         if previous is None:
             return
+        sample.dt = sample.mono - previous.mono
         for key in _TOTALS:
             increase = _increase(getattr(sample, key), getattr(previous, key))
-            sample.increase[key] = sum(increase.values())
+            row[(key,)] = _num(sum(increase.values()))
         for key in _BY_LABEL:
-            sample.increase[key] = _increase(getattr(sample, key), getattr(previous, key))
+            for label, value in _increase(getattr(sample, key), getattr(previous, key)).items():
+                row[key, label] = _num(value)
         for route, buckets in sample.buckets.items():
             before = dict(previous.buckets.get(route, ()))
             window = [(bound, count - before.get(bound, 0.0)) for bound, count in buckets]
             if any(count < 0 for _, count in window):
                 window = buckets  # reset: a worker's files were removed
-            sample.latency[route] = {k: quantile(q, window) for k, q in QUANTILES.items()}
+            latency = sample.latency[route] = {k: quantile(q, window) for k, q in QUANTILES.items()}
+            for k, seconds in latency.items():
+                row["latency", route, k] = seconds
 
     # -- the document ----------------------------------------------------------------------
 
-    def _describe(self, samples: list[_Sample]) -> dict[str, Any]:
+    def _describe(self, samples: list[_Sample], since: float | None) -> dict[str, Any]:
         last = samples[-1]
+        times = [s.unix for s in samples]
+        partial = since is not None and since in times
+        shown = samples[times.index(since) + 1 :] if since is not None and partial else samples
         unavailable: dict[str, str] = {}
         if self.multiprocess:
             unavailable["crashes"] = "multiprocess mode: each worker keeps its own (see its logs)"
@@ -357,50 +381,56 @@ class LivePage:
             "namespace": self._namespace,
             "multiprocess": self.multiprocess,
             "interval_s": INTERVAL,
+            "history_size": HISTORY,
+            "max_age_s": MAX_AGE,
             "metrics_path": "/metrics",
             "unavailable": unavailable,
             "totals": totals,
             "routes": routes,
-            "history": _history(samples, routes),
+            "partial": partial,
+            "history": _history(shown, routes, partial=partial),
             "crashes": [c._asdict() for c in reversed(last.crashes or [])],
             "sinks": _sinks(last.own),
             "slowest": _slowest(last, last.unix - MAX_AGE),
         }
 
 
-def _history(samples: list[_Sample], routes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    n = len(samples)
-    # The first sample's increase (if any) is since a sample no longer shown.
-    shown = [None, *samples[1:]]
+def _history(
+    samples: list[_Sample], routes: dict[str, dict[str, Any]], *, partial: bool
+) -> dict[str, Any]:
+    """The history columns of ``samples`` (those after the client's last, if ``partial``).
+
+    In a whole history, increases and quantiles start at the second sample: the first
+    one's are since a sample no longer shown. A series absent from a sample counts 0
+    (a quantile: null).
+    """
+    first: list[None] = [] if partial else [None]
+    later = samples if partial else samples[1:]
+    keys = {key for s in samples for key in s.row}
     history: dict[str, Any] = {
         "t": [s.unix for s in samples],
-        "dt": [None, *(b.mono - a.mono for a, b in pairwise(samples))],
+        "dt": [*first, *(s.dt for s in later)],
     }
-    for key in _TOTALS:
-        history[key] = [None if s is None else _num(s.increase[key]) for s in shown]
-    for key in _BY_LABEL:
-        labels = sorted({label for s in samples for label in getattr(s, key)})
-        history[key] = {
-            label: [None if s is None else _num(s.increase[key].get(label, 0.0)) for s in shown]
-            for label in labels
+    for name in _TOTALS:
+        history[name] = [*first, *(s.row.get((name,), 0) for s in later)]
+    for name in _BY_LABEL:
+        labels = sorted(key[1] for key in keys if key[0] == name)
+        history[name] = {
+            label: [*first, *(s.row.get((name, label), 0) for s in later)] for label in labels
         }
     charted = sorted(
-        routes,
-        key=lambda r: (-routes[r]["connections"], -routes[r]["messages_in"], r),
-    )[:ROUTES_CHARTED]
+        sorted(routes, key=lambda r: (-routes[r]["connections"], -routes[r]["messages_in"], r))[
+            :ROUTES_CHARTED
+        ]
+    )
     history["connections"] = {
-        route: [_num(s.active.get(route, 0.0)) for s in samples] for route in sorted(charted)
+        route: [s.row.get(("connections", route), 0) for s in samples] for route in charted
     }
-    latency: dict[str, dict[str, list[float | None]]] = {}
-    for route in sorted(charted):
-        series: dict[str, list[float | None]] = {key: [None] * n for key in QUANTILES}
-        for index, s in enumerate(shown):
-            values = None if s is None else s.latency.get(route)
-            if values is not None:
-                for key, value in values.items():
-                    series[key][index] = value
-        latency[route] = series
-    history["latency"] = latency
+    history["latency"] = {
+        route: {q: [*first, *(s.row.get(("latency", route, q)) for s in later)] for q in QUANTILES}
+        for route in charted
+        if ("latency", route, "p50") in keys
+    }
     return history
 
 

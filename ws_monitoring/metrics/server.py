@@ -30,6 +30,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -412,7 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, live.html(), "text/html; charset=utf-8", _PAGE_HEADERS)
                 return
             try:
-                body = live.json()
+                body = live.json(_since(self.path))
             except Exception as exc:  # as for /metrics
                 self._send(500, f"error collecting metrics: {exc!r}\n".encode())
                 return
@@ -421,6 +422,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"Not Found\n")
 
     do_HEAD = do_GET
+
+
+def _since(path: str) -> float | None:
+    """``/live.json?since=T``: the time of the last sample the page has (else None)."""
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("since")
+    try:
+        return float(values[0]) if values else None
+    except ValueError:
+        return None  # the whole history, as for a first load
 
 
 #: The page loads nothing from elsewhere and runs only its own inline script.
