@@ -620,7 +620,21 @@ class _RefusesSubclasses(ServerConnection):
         raise TypeError("final class")
 
 
-@pytest.mark.parametrize("connection_class", [None, "user subclass", _RefusesSubclasses])
+class _RefusesClassChange(ServerConnection):
+    """A connection whose class cannot change (a ``__class__`` that refuses assignment)."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self)
+
+    @__class__.setter
+    def __class__(self, value: type) -> None:
+        raise TypeError("this connection keeps its class")
+
+
+@pytest.mark.parametrize(
+    "connection_class", [None, "user subclass", _RefusesSubclasses, _RefusesClassChange]
+)
 async def test_instrument_on_websockets_serve_times_recv_at_class_level(
     registry: CollectorRegistry, scrape_metrics: Callable[[], Samples], connection_class: Any
 ) -> None:
@@ -663,8 +677,8 @@ async def test_instrument_on_websockets_serve_times_recv_at_class_level(
     labels = {"route": "/i", "direction": "received", "type": "text"}
     assert samples["websocket_messages_total", labels] == 2
     first, second = seen
-    if expected is _RefusesSubclasses:
-        assert first["class"] is _RefusesSubclasses
+    if expected in (_RefusesSubclasses, _RefusesClassChange):
+        assert first["class"] is expected
         assert first["on the instance"] == ["recv", "recv_streaming"]
         return
     assert first["class"] is second["class"]
