@@ -14,9 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosedError
-from websockets.sync.server import ServerConnection as SyncServerConnection
 
 from tests.helpers.scrape import Samples
 from tests.helpers.servers import (
@@ -25,21 +23,13 @@ from tests.helpers.servers import (
     async_server,
     async_wait_until,
     close_frame,
+    echo,
     frame,
     settled,
+    sync_echo,
     sync_server_async,
 )
 from ws_monitoring.labels import ERROR_TYPES, HANDSHAKE_FAILURES
-
-
-async def echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
-
-
-def sync_echo(ws: SyncServerConnection) -> None:
-    for message in ws:
-        ws.send(message)
 
 
 @pytest.fixture(params=["asyncio", "sync"])

@@ -18,8 +18,6 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.util._once import Once
 from prometheus_client import CollectorRegistry
-from websockets.asyncio.server import ServerConnection
-from websockets.sync.server import ServerConnection as SyncServerConnection
 
 from tests.helpers.otlp import OtlpHttpReceiver, ReceivedSpan
 from tests.helpers.scrape import Samples
@@ -28,22 +26,14 @@ from tests.helpers.servers import (
     Running,
     async_server,
     close_frame,
+    echo,
     frame,
     settled,
+    sync_echo,
     sync_server_async,
 )
 from tests.logging.test_lifecycle import Logs
 from ws_monitoring.tracing.setup import Tracing, setup_tracing
-
-
-async def echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
-
-
-def sync_echo(ws: SyncServerConnection) -> None:
-    for message in ws:
-        ws.send(message)
 
 
 @pytest.fixture

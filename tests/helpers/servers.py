@@ -44,6 +44,18 @@ class Running:
         return f"ws://{HOST}:{self.port}{path}"
 
 
+async def echo(ws: websockets.asyncio.server.ServerConnection) -> None:
+    """The asyncio echo handler the suites share."""
+    async for message in ws:
+        await ws.send(message)
+
+
+def sync_echo(ws: websockets.sync.server.ServerConnection) -> None:
+    """The threading echo handler the suites share."""
+    for message in ws:
+        ws.send(message)
+
+
 @contextlib.asynccontextmanager
 async def async_server(
     handler: Callable[..., Awaitable[None]],
