@@ -70,7 +70,7 @@ async def test_a_crash_is_one_sentry_event(
 ) -> None:
     alerter = SentryAlerter(receiver.dsn, environment="test", registry=registry)
     await crash([alerter], ["/echo/9?token=secret"], server)
-    events = await asyncio.to_thread(receiver.drain)
+    events = await asyncio.to_thread(receiver.drain, alerter)
     # The server's own "Exception in ASGI application" log line, and sentry-sdk's
     # Starlette/FastAPI integrations, report the same exception: not a second event.
     assert len(events) == 1, events
