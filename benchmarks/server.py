@@ -96,19 +96,23 @@ async def _call(func: Callable[[], list[float]]) -> list[float]:
 
 
 def _traced_growth(before: tracemalloc.Snapshot) -> dict[str, Any]:
-    """Python heap growth since ``before``: total, and the lines of ws_monitoring."""
+    """Python heap growth since ``before``: total, ws_monitoring's lines, the top lines."""
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     total = 0
     ours: dict[str, int] = {}
+    lines: dict[str, int] = {}
     for stat in after.compare_to(before, "lineno"):
         total += stat.size_diff
         frame = stat.traceback[0]
+        lines[f"{frame.filename}:{frame.lineno}"] = stat.size_diff
         if "ws_monitoring" in frame.filename:
             where = f"{frame.filename.rsplit('ws_monitoring/', 1)[-1]}:{frame.lineno}"
             ours[where] = ours.get(where, 0) + stat.size_diff
-    return {"traced_bytes": total, "ws_monitoring_bytes": ours}
+    # Every file's lines, not only ours: where the server's memory went, for the README.
+    top = dict(sorted(lines.items(), key=lambda kv: -abs(kv[1]))[:60])
+    return {"traced_bytes": total, "ws_monitoring_bytes": ours, "top_lines": top}
 
 
 def serve_commands(

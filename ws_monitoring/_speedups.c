@@ -664,19 +664,23 @@ Timed_send(TimedObject *self, PyObject *value)
     return stop_or_yield(status, result);
 }
 
-/* throw(...): into the inner coroutine (cancellation, timeouts). */
+/* throw(*args) into ``inner`` (NULL: nothing to delegate to, so raise what was thrown,
+ * as a finished coroutine does). Returns what it yielded (it caught it and waits
+ * again); else NULL, with *value its return value (it caught it and returned: *status
+ * PYGEN_RETURN) or the error set (PYGEN_ERROR). */
 static PyObject *
-Timed_throw(TimedObject *self, PyObject *args)
+throw_into(PyObject *inner, PyObject *args, PySendResult *status, PyObject **value)
 {
-    if (self->inner == NULL) {
-        /* Nothing to delegate to: raise what was thrown, as a finished coroutine does. */
+    *status = PYGEN_ERROR;
+    *value = NULL;
+    if (inner == NULL) {
         PyObject *typ, *val = NULL, *tb = NULL;
         if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb)) return NULL;
         if (PyExceptionInstance_Check(typ)) PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
         else PyErr_SetObject(typ, val);
         return NULL;
     }
-    PyObject *inner = Py_NewRef(self->inner);
+    Py_INCREF(inner);
     PyObject *result = NULL;
     PyObject *meth = PyObject_GetAttr(inner, str_throw);
     if (meth != NULL) {
@@ -684,24 +688,32 @@ Timed_throw(TimedObject *self, PyObject *args)
         Py_DECREF(meth);
     }
     Py_DECREF(inner);
-    if (result != NULL) return result; /* the coroutine caught it and waits again */
+    if (result != NULL || !PyErr_ExceptionMatches(PyExc_StopIteration)) return result;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    *value = exc != NULL ? PyObject_GetAttrString(exc, "value") : Py_NewRef(Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+    if (*value != NULL) *status = PYGEN_RETURN;
+    return NULL;
+}
+
+/* throw(...): into the inner coroutine (cancellation, timeouts). */
+static PyObject *
+Timed_throw(TimedObject *self, PyObject *args)
+{
+    PySendResult status;
+    PyObject *value;
+    PyObject *result = throw_into(self->inner, args, &status, &value);
+    if (result != NULL || self->inner == NULL) return result;
     Py_CLEAR(self->inner);
-    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+    if (status == PYGEN_ERROR) {
         Py_CLEAR(self->record);
         return NULL;
     }
     /* The coroutine caught it and returned: the handler got a message after all. */
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb);
-    PyErr_NormalizeException(&type, &exc, &tb);
-    PyObject *value = exc != NULL ? PyObject_GetAttrString(exc, "value") : Py_NewRef(Py_None);
-    Py_XDECREF(type);
-    Py_XDECREF(exc);
-    Py_XDECREF(tb);
-    if (value == NULL) {
-        Py_CLEAR(self->record);
-        return NULL;
-    }
     int failed = self->record != NULL && handled(self->record, value) < 0;
     Py_CLEAR(self->record);
     if (failed) {
@@ -778,6 +790,238 @@ static PyTypeObject TimedType = {
     .tp_traverse = (traverseproc)Timed_traverse,
     .tp_clear = (inquiry)Timed_clear,
     .tp_dealloc = (destructor)Timed_dealloc,
+};
+
+/* -- Then: await a coroutine, then a tail made from how it ended --------------------- */
+
+/* ``Then(inner, tail, arg)`` awaits ``inner``; when it returns or raises, it calls
+ * ``tail(arg, None)`` or ``tail(arg, exc)`` for a coroutine and awaits that, whose result
+ * is the result. What an ``async def`` doing ``try: await inner except BaseException as e:
+ * await tail(arg, e) else: await tail(arg, None)`` does, in 64 bytes and without a Python
+ * frame: the connection handler's wrapper, which lives as long as its connection (see
+ * adapters/asyncio.py). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *inner;   /* what is awaited now: the handler's coroutine, then the tail's */
+    PyObject *tail;    /* NULL once called */
+    PyObject *arg;     /* tail's first argument; NULL once called */
+} ThenObject;
+
+static PyTypeObject ThenType;
+
+/* The iterator to drive for awaitable ``obj`` (a new reference), or NULL. */
+static PyObject *
+await_iter(PyObject *obj)
+{
+    if (PyCoro_CheckExact(obj)) return Py_NewRef(obj);
+    PyAsyncMethods *am = Py_TYPE(obj)->tp_as_async;
+    if (am == NULL || am->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return am->am_await(obj);
+}
+
+static PyObject *
+Then_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *inner, *tail, *arg;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Then() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Then", 3, 3, &inner, &tail, &arg)) return NULL;
+    PyObject *it = await_iter(inner);
+    if (it == NULL) return NULL;
+    ThenObject *self = PyObject_GC_New(ThenObject, type);
+    if (self == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->inner = it;
+    self->tail = Py_NewRef(tail);
+    self->arg = Py_NewRef(arg);
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* The inner coroutine ended: returned (``exc`` NULL) or raised (the error indicator is
+ * set). Switch to the tail's coroutine and send it its first value. */
+static PySendResult
+Then_switch(ThenObject *self, PySendResult status, PyObject **result)
+{
+    PyObject *tail = self->tail, *first = self->arg, *arg;
+    self->tail = NULL;
+    self->arg = NULL;
+    Py_CLEAR(self->inner);
+    if (status == PYGEN_RETURN) {
+        Py_CLEAR(*result);
+        arg = Py_NewRef(Py_None);
+    }
+    else {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        arg = value != NULL ? value : Py_NewRef(Py_None);
+    }
+    PyObject *call[2] = {first, arg};
+    PyObject *coro = PyObject_Vectorcall(tail, call, 2, NULL);
+    Py_DECREF(arg);
+    Py_DECREF(first);
+    Py_DECREF(tail);
+    if (coro == NULL) {
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    self->inner = await_iter(coro);
+    Py_DECREF(coro);
+    if (self->inner == NULL) {
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    return PyIter_Send(self->inner, Py_None, result);
+}
+
+static PySendResult
+Then_am_send(ThenObject *self, PyObject *value, PyObject **result)
+{
+    if (self->inner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    PySendResult status = PyIter_Send(self->inner, value, result);
+    if (status != PYGEN_NEXT && self->tail != NULL) status = Then_switch(self, status, result);
+    if (status != PYGEN_NEXT) Py_CLEAR(self->inner);
+    return status;
+}
+
+static PyObject *
+Then_iternext(ThenObject *self)
+{
+    PyObject *result;
+    PySendResult status = Then_am_send(self, Py_None, &result);
+    if (status == PYGEN_RETURN && result == Py_None) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return stop_or_yield(status, result);
+}
+
+static PyObject *
+Then_send(ThenObject *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult status = Then_am_send(self, value, &result);
+    return stop_or_yield(status, result);
+}
+
+/* throw(...): into what is awaited now (cancellation, timeouts). */
+static PyObject *
+Then_throw(ThenObject *self, PyObject *args)
+{
+    PySendResult status;
+    PyObject *value;
+    PyObject *result = throw_into(self->inner, args, &status, &value);
+    if (result != NULL || self->inner == NULL) return result;
+    if (self->tail != NULL) status = Then_switch(self, status, &value);
+    if (status != PYGEN_NEXT) Py_CLEAR(self->inner);
+    return stop_or_yield(status, value);
+}
+
+/* close(): as for a coroutine closed while it awaits. The handler's coroutine is closed;
+ * the tail then starts with GeneratorExit and is closed at its first suspension, so its
+ * ``finally`` clauses run. */
+static PyObject *
+Then_close(ThenObject *self, PyObject *unused)
+{
+    if (self->inner == NULL) Py_RETURN_NONE;
+    PyObject *r = PyObject_CallMethodNoArgs(self->inner, str_close);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    if (self->tail == NULL) {
+        Py_CLEAR(self->inner);
+        Py_RETURN_NONE;
+    }
+    PyErr_SetNone(PyExc_GeneratorExit);
+    PyObject *result;
+    PySendResult status = Then_switch(self, PYGEN_ERROR, &result);
+    if (status == PYGEN_NEXT) {
+        Py_DECREF(result);
+        r = PyObject_CallMethodNoArgs(self->inner, str_close);
+        Py_CLEAR(self->inner);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+        Py_RETURN_NONE;
+    }
+    Py_CLEAR(self->inner);
+    if (status == PYGEN_RETURN) {
+        Py_DECREF(result);
+        Py_RETURN_NONE;
+    }
+    if (PyErr_ExceptionMatches(PyExc_GeneratorExit)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return NULL;
+}
+
+static int
+Then_traverse(ThenObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->inner);
+    Py_VISIT(self->tail);
+    Py_VISIT(self->arg);
+    return 0;
+}
+
+static int
+Then_clear(ThenObject *self)
+{
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->tail);
+    Py_CLEAR(self->arg);
+    return 0;
+}
+
+static void
+Then_dealloc(ThenObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Then_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMethodDef Then_methods[] = {
+    {"send", (PyCFunction)Then_send, METH_O, NULL},
+    {"throw", (PyCFunction)Then_throw, METH_VARARGS, NULL},
+    {"close", (PyCFunction)Then_close, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyAsyncMethods Then_as_async = {
+    .am_await = (unaryfunc)Timed_await,
+    .am_send = (sendfunc)Then_am_send,
+};
+
+static PyTypeObject ThenType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ws_monitoring._speedups.Then",
+    .tp_doc = PyDoc_STR("Then(inner, tail, arg): await inner, then tail(arg, None or its exception)."),
+    .tp_basicsize = sizeof(ThenObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Then_new,
+    .tp_as_async = &Then_as_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Then_iternext,
+    .tp_methods = Then_methods,
+    .tp_traverse = (traverseproc)Then_traverse,
+    .tp_clear = (inquiry)Then_clear,
+    .tp_dealloc = (destructor)Then_dealloc,
 };
 
 /* The handler asks for its next message: handling of the previous one ends. */
@@ -1198,7 +1442,8 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     if (PyType_Ready(&LayoutType) < 0 || PyType_Ready(&CountsType) < 0 ||
-        PyType_Ready(&TimedType) < 0 || PyType_Ready(&RecvMethodType) < 0)
+        PyType_Ready(&TimedType) < 0 || PyType_Ready(&RecvMethodType) < 0 ||
+        PyType_Ready(&ThenType) < 0)
         return NULL;
     if (intern(&str_opcode, "opcode") < 0 || intern(&str_data, "data") < 0 ||
         intern(&str_fin, "fin") < 0 || intern(&str_rsv1, "rsv1") < 0 ||
@@ -1226,7 +1471,8 @@ PyInit__speedups(void)
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Layout", (PyObject *)&LayoutType) < 0 ||
         PyModule_AddObjectRef(m, "Counts", (PyObject *)&CountsType) < 0 ||
-        PyModule_AddObjectRef(m, "RecvMethod", (PyObject *)&RecvMethodType) < 0) {
+        PyModule_AddObjectRef(m, "RecvMethod", (PyObject *)&RecvMethodType) < 0 ||
+        PyModule_AddObjectRef(m, "Then", (PyObject *)&ThenType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

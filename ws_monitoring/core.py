@@ -970,6 +970,10 @@ class Monitor:
         if record.error_type is None:
             record.error_type = classify_close(protocol)
         self._dispatch("connection_closed", record)
+        # The sinks are done with it. An exception holds its traceback, whose frames hold
+        # the handler's connection and so this record: a cycle that only the cyclic GC
+        # would free, and in a crash storm, long collections on the event loop.
+        record.error = None
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Flush every sink, side by side, within ``timeout`` seconds and within the
