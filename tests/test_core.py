@@ -241,6 +241,19 @@ def test_record_views_are_privacy_safe_and_query_free() -> None:
     assert record.subprotocol is None
 
 
+def test_the_client_view_is_kept_from_its_second_read() -> None:
+    record = make_monitor().open(conn_with_request())
+    first = record.client
+    # Read once (an idle connection's "connection opened" line): nothing kept.
+    assert record.client is not first
+    assert record.client == first
+    second = record.client
+    assert record.client is second  # kept now: its sinks' caches stay valid
+    granted = record.monitor.privacy.client(None, record.request)
+    record.client = granted
+    assert record.client is granted
+
+
 def test_route_comes_from_the_handshake_when_known() -> None:
     monitor = make_monitor(routes=["/rooms/{id}"])
     conn = conn_with_request("/rooms/42")

@@ -217,6 +217,8 @@ typedef struct {
     long long in_text, in_binary, out_text, out_binary, in_bytes, out_bytes;
     double handling_sum, rtt_sum;
     double handling_start;        /* perf_counter() when the handler got its message, or 0 */
+    /* ConnectionRecord's timestamps: C doubles, not a float object each (memory). */
+    double opened_at, opened_unix, closed_at, ping_sent_at;
     Py_ssize_t in_size, out_size; /* bytes so far of a fragmented message */
     PyObject *tokens;             /* what message_started returned (see core.py) */
     long long sample_skip;        /* messages still NOT_SAMPLED without a call */
@@ -1306,6 +1308,10 @@ static PyMemberDef Counts_members[] = {
     {"handling_sum", T_DOUBLE, offsetof(CountsObject, handling_sum), 0, NULL},
     {"rtt_sum", T_DOUBLE, offsetof(CountsObject, rtt_sum), 0, NULL},
     {"handling_start", T_DOUBLE, offsetof(CountsObject, handling_start), 0, NULL},
+    {"opened_at", T_DOUBLE, offsetof(CountsObject, opened_at), 0, NULL},
+    {"opened_unix", T_DOUBLE, offsetof(CountsObject, opened_unix), 0, NULL},
+    {"closed_at", T_DOUBLE, offsetof(CountsObject, closed_at), 0, NULL},
+    {"ping_sent_at", T_DOUBLE, offsetof(CountsObject, ping_sent_at), 0, NULL},
     {"tokens", T_OBJECT, offsetof(CountsObject, tokens), 0, NULL},
     {"exemplar_trace_id", T_OBJECT, offsetof(CountsObject, exemplar_trace_id), 0, NULL},
     {"token_deferred", T_BOOL, offsetof(CountsObject, token_deferred), 0, NULL},

@@ -25,6 +25,10 @@ class Counts:
     handling_sum: float
     rtt_sum: float
     handling_start: float
+    opened_at: float
+    opened_unix: float
+    closed_at: float
+    ping_sent_at: float
     tokens: object
     token_deferred: bool
     sample_skip: int

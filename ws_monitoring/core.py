@@ -40,6 +40,8 @@ from .typing import NOT_SAMPLED, Data, MessageSink, Sink
 
 #: The client view of a record whose handshake has not finished: nothing known.
 NO_CLIENT = Client(ip=None, user=None)
+#: ``ConnectionRecord._client`` once the view was built once and not kept.
+_BUILT_ONCE = object()
 
 if TYPE_CHECKING:
     from websockets.http11 import Request, Response
@@ -131,6 +133,7 @@ class _Counts:
 
     __slots__ = (
         "_layout",
+        "closed_at",
         "exemplar_trace_id",
         "h",
         "handling_start",
@@ -140,11 +143,14 @@ class _Counts:
         "in_op",  # in_op, in_size, out_op, out_size: the Python frame counter's
         "in_size",  # state of a fragmented message.
         "in_text",
+        "opened_at",
+        "opened_unix",
         "out_binary",
         "out_bytes",
         "out_op",
         "out_size",
         "out_text",
+        "ping_sent_at",
         "rtt_sum",
         "sample_skip",
         "token_deferred",
@@ -158,6 +164,8 @@ class _Counts:
         self.handling_sum = self.rtt_sum = 0.0
         #: ``perf_counter()`` when the handler got its current message; 0.0: none.
         self.handling_start = 0.0
+        # ConnectionRecord's timestamps (C doubles in the speedups: no float object each).
+        self.opened_at = self.opened_unix = self.closed_at = self.ping_sent_at = 0.0
         self.h: list[int] | None = None
         self.in_op: Opcode = _TEXT
         self.in_size = 0
@@ -336,26 +344,23 @@ class ConnectionRecord(_CountsBase):
     __slots__ = (
         "__weakref__",
         "_client",
+        "_context",
         "close_code",
         "close_reason",
-        "closed_at",
         "connection",
-        "context",
         "error",
         "error_type",
         "exemplars",
         "handshake",
         "monitor",
-        "opened_at",
-        "opened_unix",
         "path",
         "ping_data",
-        "ping_sent_at",
         "remote_address",
         "request",
         "route",
         "subprotocol",
         "tenant",
+        "tracing_state",
     )
 
     def __init__(self, monitor: Monitor) -> None:
@@ -371,7 +376,7 @@ class ConnectionRecord(_CountsBase):
         self.request: Request | None = None
         self.remote_address: Any = None
         self.subprotocol: str | None = None
-        self._client: Client | None = None
+        self._client: Client | object | None = None
         #: The opening handshake, for sinks' ``connection_opened``; released afterwards
         #: (``None``): an idle connection should not keep its request and response.
         self.handshake: HandshakeRecord | None = None
@@ -389,7 +394,19 @@ class ConnectionRecord(_CountsBase):
         self.close_reason = ""
         self.error: BaseException | None = None
         self.error_type: str | None = None
-        self.context: dict[str, Any] = {}
+        self._context: dict[str, Any] | None = None
+        #: The tracing sink's per-connection state: a slot of its own, because the sink
+        #: every message goes through reads it per message, and an entry in ``context``
+        #: would cost each connection its dict (182 B with one key).
+        self.tracing_state: Any = None
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """Sinks' per-connection state, by key of their choosing; made on first use."""
+        context = self._context
+        if context is None:
+            context = self._context = {}
+        return context
 
     def __repr__(self) -> str:
         # Also what ``protocol.extensions`` shows with the C counter: no client data.
@@ -407,26 +424,31 @@ class ConnectionRecord(_CountsBase):
     def client(self) -> Client:
         """The privacy-safe view of the client (see :class:`~ws_monitoring.privacy.Client`).
 
-        Built on first use, with the consent known then: a server whose sinks never
-        read it (metrics only) spends neither the memory nor the consent lookup.
+        Built when read, with the consent known then, and kept from its second read on
+        (or once set, by :func:`ws_monitoring.grant`): a server whose sinks never read
+        it (metrics only) spends neither the memory nor the consent lookup, and an idle
+        connection read once (its "connection opened" log line) keeps nothing.
         """
-        client = self._client
-        if client is None:
-            connection = self.connection
-            if connection is None:
-                return NO_CLIENT
-            # A log line formatted while this runs (privacy warnings) reads no client data.
-            self._client = NO_CLIENT
-            try:
-                # websockets' basic_auth() sets ``username`` on the connection first.
-                client = self.monitor.privacy.client(
-                    self.remote_address,
-                    self.request,
-                    username=getattr(connection, "username", None),
-                )
-            finally:
-                self._client = None
-            self._client = client
+        cached = self._client
+        if isinstance(cached, Client):
+            return cached
+        connection = self.connection
+        if connection is None:
+            return NO_CLIENT
+        # A log line formatted while this runs (privacy warnings) reads no client data.
+        self._client = NO_CLIENT
+        try:
+            # websockets' basic_auth() sets ``username`` on the connection first.
+            client = self.monitor.privacy.client(
+                self.remote_address,
+                self.request,
+                username=getattr(connection, "username", None),
+            )
+        finally:
+            self._client = None
+        # Kept from its second use on: an idle connection whose only reader was its
+        # "connection opened" log line keeps none (about 200 B with its strings).
+        self._client = client if cached is _BUILT_ONCE else _BUILT_ONCE
         return client
 
     @client.setter

@@ -90,7 +90,7 @@ def test_encoded_and_sdk_message_spans_are_the_same(
         for exclusive in (True, False):
             tracing.processor.exclusive = exclusive
             tracing_sink._emit(
-                record, record.context["otel"], "process", trace_id, 0x99, 0x03, parent, state,
+                record, record.tracing_state, "process", trace_id, 0x99, 0x03, parent, state,
                 1_000, 2_000 + size, size, binary, error,
             )  # fmt: skip
             assert tracing.force_flush(5)

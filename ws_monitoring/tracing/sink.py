@@ -384,18 +384,49 @@ def _span_names(route: str) -> dict[str, str]:
     return {_PROCESS: f"process {route}", _SEND: f"send {route}"}
 
 
+def _pack(context: SpanContext | None) -> bytes | SpanContext | None:
+    """``context`` in 58 B instead of about 240 (its ids, flags, tuple and TraceFlags):
+    what an idle connection keeps of its handshake span. One with a trace state (from
+    the client's ``tracestate``) is kept as it is."""
+    if context is None or context.trace_state:
+        return context
+    flags = int(context.trace_flags) | (_REMOTE_BIT if context.is_remote else 0)
+    return (
+        context.trace_id.to_bytes(16, "big") + context.span_id.to_bytes(8, "big") + bytes((flags,))
+    )
+
+
+def _unpack(packed: bytes | SpanContext) -> SpanContext:
+    """The :class:`SpanContext` that :func:`_pack` packed."""
+    if not isinstance(packed, bytes):
+        return packed
+    flags = packed[24]
+    return SpanContext(
+        int.from_bytes(packed[:16], "big"),
+        int.from_bytes(packed[16:24], "big"),
+        is_remote=bool(flags & _REMOTE_BIT),
+        trace_flags=TraceFlags(flags & ~_REMOTE_BIT),
+        trace_state=_DEFAULT_STATE,
+    )
+
+
+#: Not a W3C flag (those are bits 0 and 1): where _pack() keeps ``is_remote``.
+_REMOTE_BIT = 0x80
+
+
 class _Conn:
-    """The tracing state of one connection, in ``record.context["otel"]``.
+    """The tracing state of one connection, in ``record.tracing_state``.
 
     Kept small for idle connections: what only kept spans need (their constant parts,
     the encoded link to the handshake span) is built by the first one.
     """
 
     __slots__ = (
+        "_handshake",
         "_link",
+        "_packed",
         "backend",
         "constants",
-        "handshake",
         "names",
         "parent",
         "quiet",
@@ -410,9 +441,11 @@ class _Conn:
         in_connection_trace: bool,
     ) -> None:
         self.backend = backend
-        self.handshake = handshake
+        #: The handshake span's context, packed (see :meth:`handshake`); unpacked once read.
+        self._packed = _pack(handshake)
+        self._handshake: SpanContext | None = None
         #: Parent of every message span (the handshake span), or None: each its own trace.
-        self.parent = handshake if in_connection_trace else None
+        self.parent = self.handshake if in_connection_trace else None
         self._link: bytes | None = None
         self.names = _span_names(record.route)
         #: Constant parts of kept spans, per operation; None until the first one.
@@ -425,6 +458,18 @@ class _Conn:
         #: positive, ``quiet`` is attached.
         countdown = backend.fast_root_bound is not None and not backend.sample_all
         self.skip: float = -1 if countdown and self.parent is None else 0
+
+    @property
+    def handshake(self) -> SpanContext | None:
+        """The handshake span's context, or None; the same object on every read."""
+        context = self._handshake
+        if context is None:
+            packed = self._packed
+            if packed is None:
+                return None
+            context = self._handshake = _unpack(packed)
+            self._packed = None
+        return context
 
     @property
     def link(self) -> bytes:
@@ -653,7 +698,7 @@ class TracingSink:
             return
         hs = connection.handshake
         handshake_sc: SpanContext | None = hs.context.get(_KEY) if hs is not None else None
-        connection.context[_KEY] = _Conn(
+        connection.tracing_state = _Conn(
             backend, connection, handshake_sc, self._in_connection_trace
         )
 
@@ -661,7 +706,7 @@ class TracingSink:
         """Nothing: the message span (``message_finished``) and the close span record it."""
 
     def connection_closed(self, connection: ConnectionRecord) -> None:
-        conn: _Conn | None = connection.context.get(_KEY)
+        conn: _Conn | None = connection.tracing_state
         if conn is None:
             return
         if conn.quiet is not None:
@@ -711,7 +756,7 @@ class TracingSink:
     # -- messages (the hot path) -----------------------------------------------------------
 
     def message_started(self, connection: ConnectionRecord, message: Data) -> object:
-        conn: _Conn | None = connection.context.get(_KEY)
+        conn: _Conn | None = connection.tracing_state
         if conn is None:
             return None
         pending = connection.sample_skip
@@ -836,7 +881,7 @@ class TracingSink:
             # None (no tracing here) or an unsampled message without ids: its payload.
             if (error is None and duration < self._keep_slower) or token is None:
                 return
-            found: _Conn | None = connection.context.get(_KEY)
+            found: _Conn | None = connection.tracing_state
             if found is None:  # pragma: no cover - the token came from this connection
                 return
             # Kept although unsampled: an error, or slower than trace_slow_threshold. Its
@@ -871,7 +916,7 @@ class TracingSink:
     def message_sent(self, connection: ConnectionRecord, binary: bool, size: int) -> None:
         if not self._send:
             return
-        conn: _Conn | None = connection.context.get(_KEY)
+        conn: _Conn | None = connection.tracing_state
         if conn is None:
             return
         backend = conn.backend
