@@ -487,7 +487,10 @@ def test_default_registry_in_multiprocess_mode(
     with start_metrics_server(0, "127.0.0.1") as server:
         status, _, body = fetch(server.url)
     # The aggregate of the (here empty) multiprocess directory, not this process's
-    # registry: only the server's own counters.
+    # registry: only the server's and the collector's own counters.
     assert status == 200
     names = {f.name for f in text_string_to_metric_families(body)}
-    assert names == {"ws_monitoring_metrics_server_dropped"}
+    assert names == {
+        "ws_monitoring_metrics_server_dropped",
+        "ws_monitoring_multiprocess_files_skipped",
+    }
