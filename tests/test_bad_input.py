@@ -7,6 +7,7 @@ a fixed label value. Ten thousand distinct paths are in ``test_labels.py``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from tests.helpers.servers import (
     close_frame,
     echo,
     frame,
+    handlers_done,
     settled,
     sync_echo,
     sync_server_async,
@@ -246,7 +248,11 @@ async def test_close_codes_from_clients(
         answer = await raw.read_close()
         await raw.aclose()
         await still_serves(srv)
-        samples = await settled(scrape_metrics, 2)
+        # Both handlers have returned, so both records are closed: one scrape shows
+        # them (no polling against a deadline that a loaded machine could miss).
+        await handlers_done(srv)
+        samples = await asyncio.to_thread(scrape_metrics)
+    assert samples.total("websocket_connections_active") == 0
     assert codes(samples) == {("/close", label): 1, ("/good", "1000"): 1}
     if label == "1002":
         # websockets refuses the code itself: a protocol error, closed with 1002.

@@ -26,7 +26,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from tests.helpers.scrape import Samples
-from tests.helpers.servers import async_server, frame, settled
+from tests.helpers.servers import async_server, echo, frame, settled, sync_echo
 from ws_monitoring import core
 from ws_monitoring.config import DEFAULT_SIZE_BUCKETS, Config
 from ws_monitoring.core import ConnectionRecord, Monitor, _size_table
@@ -190,11 +190,6 @@ def test_sent_fragments_and_pings() -> None:
 # -- a real server, a real client ------------------------------------------------------------
 
 
-async def _echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
-
-
 @pytest.mark.parametrize("compression", [None, "deflate"])
 async def test_sizes_are_before_compression(
     registry: CollectorRegistry,
@@ -202,7 +197,7 @@ async def test_sizes_are_before_compression(
     compression: str | None,
 ) -> None:
     monitoring: dict[str, Any] = {"registry": registry, "tracing": False}
-    async with async_server(_echo, monitoring=monitoring) as srv:
+    async with async_server(echo, monitoring=monitoring) as srv:
         async with connect(srv.url("/z"), compression=compression) as client:
             negotiated = client.protocol.extensions
             await client.send("a" * 10_000)
@@ -234,14 +229,6 @@ async def test_open_connections_keep_no_handshake_record(registry: CollectorRegi
     """An idle connection holds neither its handshake record nor, through it, its request."""
     from tests.helpers.servers import sync_server_async
 
-    async def echo(ws: ServerConnection) -> None:
-        async for message in ws:
-            await ws.send(message)
-
-    def echo_sync(ws: Any) -> None:
-        for message in ws:
-            ws.send(message)
-
     options = {"registry": registry, "tracing": False, "log_lifecycle": False}
     before = _live_handshake_records()
     async with async_server(echo, monitoring=options) as srv, connect(srv.url("/a")) as client:
@@ -249,7 +236,7 @@ async def test_open_connections_keep_no_handshake_record(registry: CollectorRegi
         assert await client.recv() == "x"
         assert _live_handshake_records() == before
     async with (
-        sync_server_async(echo_sync, monitoring=options) as srv,
+        sync_server_async(sync_echo, monitoring=options) as srv,
         connect(srv.url("/s")) as client,
     ):
         await client.send("x")

@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 
 import ws_monitoring
 from tests.helpers.scrape import Samples
-from tests.helpers.servers import RawClient, async_server, close_frame, settled
+from tests.helpers.servers import RawClient, async_server, close_frame, echo, settled
 from ws_monitoring.config import Config
 from ws_monitoring.labels import (
     ADMIT_AFTER,
@@ -430,10 +430,6 @@ async def test_ten_thousand_distinct_paths_keep_the_series_bounded(
 ) -> None:
     count, limit = 10_000, 20
 
-    async def echo(ws: ServerConnection) -> None:
-        async for message in ws:
-            await ws.send(message)
-
     # Only metrics, and no keepalive: less work per connection, none of it at stake here.
     # The raw paths (unsafe): the safe default would fold /flood/<i> into /flood/{id}.
     handler = ws_monitoring.instrument(
@@ -673,10 +669,6 @@ def by_header(request: Request) -> str | None:
 async def test_tenant_allow_list_end_to_end(
     registry: CollectorRegistry, scrape_metrics: Callable[[], Samples]
 ) -> None:
-    async def echo(ws: ServerConnection) -> None:
-        async for message in ws:
-            await ws.send(message)
-
     options = {"registry": registry, "tenant": by_header, "tenants": ["acme", "globex"]}
     async with async_server(echo, monitoring=options) as srv:
         for tenant in ("acme", "acme", "globex", "initech", "__other__", "ACME", None):

@@ -173,6 +173,11 @@ DOCUMENTED = [
         "mark_process_dead",
         "ws_monitoring.metrics.multiprocess",
     ),
+    (
+        "ws_monitoring.metrics.multiprocess",
+        "MultiprocessCollector",
+        "ws_monitoring.metrics.multiprocess",
+    ),
     ("ws_monitoring", "setup_logging", "ws_monitoring.logging.setup"),
     ("ws_monitoring.logging", "setup_logging", "ws_monitoring.logging.setup"),
     ("ws_monitoring.logging_config", "setup_logging", "ws_monitoring.logging.setup"),

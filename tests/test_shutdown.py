@@ -22,7 +22,7 @@ import ws_monitoring
 from tests.alerting.test_alertmanager import recording_peer
 from tests.helpers.leak import ClosedCounter
 from tests.helpers.process import hanging_peer
-from tests.helpers.servers import HOST, wait_until
+from tests.helpers.servers import HOST, echo, sync_echo, wait_until
 from ws_monitoring import core
 from ws_monitoring.core import shutdown_step
 
@@ -41,10 +41,6 @@ class FlushRecorder(ClosedCounter):
 async def test_async_server_close_flushes_sinks(registry: CollectorRegistry) -> None:
     sink = FlushRecorder()
 
-    async def echo(ws):  # type: ignore[no-untyped-def]
-        async for message in ws:
-            await ws.send(message)
-
     async with ws_monitoring.serve(echo, "127.0.0.1", 0, registry=registry, sinks=[sink]) as srv:
         port = srv.sockets[0].getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}/") as client:
@@ -61,11 +57,9 @@ async def test_async_server_close_flushes_sinks(registry: CollectorRegistry) -> 
 def test_sync_server_close_flushes_sinks(registry: CollectorRegistry) -> None:
     sink = FlushRecorder()
 
-    def echo(ws):  # type: ignore[no-untyped-def]
-        for message in ws:
-            ws.send(message)
-
-    with ws_monitoring.serve_sync(echo, "127.0.0.1", 0, registry=registry, sinks=[sink]) as srv:
+    with ws_monitoring.serve_sync(
+        sync_echo, "127.0.0.1", 0, registry=registry, sinks=[sink]
+    ) as srv:
         thread = threading.Thread(target=srv.serve_forever)
         thread.start()
         port = srv.socket.getsockname()[1]
@@ -90,10 +84,6 @@ async def test_a_stuck_sink_does_not_starve_the_others(
 ) -> None:
     monkeypatch.setenv("WS_MONITORING_SHUTDOWN_TIMEOUT", "0.5")
     stuck, quick = StuckRecorder(), FlushRecorder()
-
-    async def echo(ws):  # type: ignore[no-untyped-def]
-        async for message in ws:
-            await ws.send(message)
 
     async with ws_monitoring.serve(
         echo, HOST, 0, registry=registry, metrics=False, sinks=[stuck, quick]

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.http11 import Request, Response
 
 from tests.helpers.scrape import Samples
-from tests.helpers.servers import RawClient, async_server, async_wait_until, settled
+from tests.helpers.servers import RawClient, async_server, async_wait_until, echo, settled
 from ws_monitoring.core import RECORD_ATTR, ConnectionRecord
 from ws_monitoring.typing import NOT_SAMPLED
 
@@ -386,10 +386,6 @@ async def test_cancelled_handler_closes_with_1011_like_a_bare_server(
 async def test_health_path_still_accepts_websocket_connections(
     registry: CollectorRegistry,
 ) -> None:
-    async def echo(ws: ServerConnection) -> None:
-        async for message in ws:
-            await ws.send(message)
-
     async with async_server(echo, monitoring={"registry": registry}) as srv:
         # Plain HTTP gets the health answer; a WebSocket upgrade on the same path opens.
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
@@ -441,10 +437,6 @@ async def test_create_connection_wrapper_function_still_works(
         connection = ServerConnection(*args, **kwargs)
         created.append(connection)
         return connection
-
-    async def echo(ws: ServerConnection) -> None:
-        async for message in ws:
-            await ws.send(message)
 
     options = {"registry": registry}
     async with (

@@ -23,18 +23,13 @@ from websockets.sync.server import ServerConnection as SyncServerConnection
 
 import ws_monitoring
 from tests.helpers.scrape import Samples, scrape
-from tests.helpers.servers import async_server, settled, settled_sync, sync_server
+from tests.helpers.servers import async_server, echo, settled, settled_sync, sync_server
 from ws_monitoring.adapters.instrument import build_monitor
 from ws_monitoring.config import OPTION_NAMES, Config
 from ws_monitoring.core import ConnectionRecord, HandshakeRecord, Monitor
 from ws_monitoring.metrics import MetricsSink
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
 
 
 def sync_echo(ws: SyncServerConnection) -> None:

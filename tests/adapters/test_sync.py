@@ -20,7 +20,7 @@ from websockets.sync.server import ServerConnection
 
 from tests.adapters.test_asyncio import SAMPLING_MESSAGES, _SamplingSink, assert_sampling_calls
 from tests.helpers.scrape import Samples
-from tests.helpers.servers import HOST, settled_sync, sync_server, wait_until
+from tests.helpers.servers import HOST, settled_sync, sync_echo, sync_server, wait_until
 from ws_monitoring.core import RECORD_ATTR, ConnectionRecord, HandshakeRecord
 
 
@@ -345,13 +345,9 @@ def test_create_connection_wrapper_function_still_works(
         created.append(connection)
         return connection
 
-    def echo(ws: ServerConnection) -> None:
-        for message in ws:
-            ws.send(message)
-
     options = {"registry": registry}
     with (
-        sync_server(echo, monitoring=options, create_connection=factory) as srv,
+        sync_server(sync_echo, monitoring=options, create_connection=factory) as srv,
         connect(srv.url("/w")) as client,
     ):
         client.send("x")

@@ -138,6 +138,24 @@ async def async_wait_until(
         await asyncio.sleep(0.005)
 
 
+async def handlers_done(srv: Running) -> None:
+    """Wait until every connection handler of ``srv`` so far has returned.
+
+    The server closes a connection's record before its handler task or thread ends
+    (the handler's own ``finally``, or the reader thread, which ``close()`` joins): after
+    this, a single scrape shows every connection the server has finished, however
+    loaded the machine. Bounded by the test's own timeout, not a wall-clock deadline.
+    """
+    server = srv.server
+    if isinstance(server, websockets.sync.server.Server):
+        with server.lock:
+            threads = list(server.handler_threads)
+        for thread in threads:
+            await asyncio.to_thread(thread.join)
+    elif server.handler_tasks:
+        await asyncio.wait(set(server.handler_tasks))
+
+
 def _closed(
     scrape: Callable[[], Samples], closed: int, handshakes: int | None, prefix: str
 ) -> Callable[[], Samples | None]:

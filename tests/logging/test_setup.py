@@ -24,7 +24,7 @@ from websockets.asyncio.server import serve as ws_serve
 
 import ws_monitoring
 from tests.helpers.scrape import Samples
-from tests.helpers.servers import HOST, async_server, async_wait_until
+from tests.helpers.servers import HOST, async_server, async_wait_until, echo
 from tests.logging.helpers import bare_root
 from ws_monitoring.config import Config
 from ws_monitoring.core import RECORD_ATTR
@@ -467,11 +467,6 @@ def test_journal_formatter_tolerates_foreign_records(capture: Capture, tmp_path:
 
 
 # -- websockets' own lifecycle lines --------------------------------------------------------
-
-
-async def echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
 
 
 async def _one_connection(url: str) -> None:

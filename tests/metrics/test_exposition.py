@@ -23,11 +23,10 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 
 from tests.helpers.scrape import OPENMETRICS, Samples, fetch, scrape
-from tests.helpers.servers import async_server, settled
+from tests.helpers.servers import async_server, echo, settled
 from ws_monitoring import MetricsServer
 from ws_monitoring.adapters.instrument import build_monitor
 from ws_monitoring.config import Config
@@ -385,11 +384,6 @@ def test_live_records_are_summed_by_columns() -> None:
 
 
 # -- over HTTP, with real connections ---------------------------------------------------------
-
-
-async def echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
 
 
 async def test_a_real_scrape_is_what_prometheus_client_writes(

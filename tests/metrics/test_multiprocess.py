@@ -8,18 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.multiprocess import MultiProcessCollector
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
-from tests.helpers.scrape import Samples, scrape
+from tests.helpers.scrape import Samples, fetch, scrape
 from tests.helpers.system import free_port
 from ws_monitoring import start_metrics_server
-from ws_monitoring.metrics.multiprocess import mark_process_dead
+from ws_monitoring.metrics.multiprocess import MultiprocessCollector, mark_process_dead
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +77,7 @@ async def test_two_workers_sum_into_one_scrape(
 ) -> None:
     port, (first, second) = workers
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(multiproc_dir))
+    MultiprocessCollector(registry, path=str(multiproc_dir))
     with start_metrics_server(0, "127.0.0.1", registry=registry) as metrics:
         # Many short connections: the kernel spreads them over both workers.
         for _ in range(40):
@@ -124,19 +123,44 @@ async def test_two_workers_sum_into_one_scrape(
         assert samples["websocket_messages_total", labels] == 40
 
 
+def room_active(count: float) -> Callable[[Samples], bool]:
+    return lambda s: s.get("websocket_connections_active", route="/room") == count
+
+
+def live_share(directory: Path, pid: int) -> float:
+    """Worker ``pid``'s share of ``websocket_connections_active``, read from its own file."""
+    path = directory / f"gauge_livesum_{pid}.db"
+    if not path.exists():
+        return 0.0  # no connection yet: the worker has no live gauge, hence no file
+    return sum(
+        sample.value
+        for metric in MultiprocessCollector.merge([str(path)])  # type: ignore[no-untyped-call]
+        for sample in metric.samples
+        if sample.name == "websocket_connections_active"
+    )
+
+
 async def test_dead_worker_share_of_live_gauge_is_removed(
     workers: tuple[int, list[Worker]], multiproc_dir: Path
 ) -> None:
-    port, (first, _second) = workers
+    port, (first, second) = workers
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(multiproc_dir))
-    held = [await connect(f"ws://127.0.0.1:{port}/room") for _ in range(16)]
+    MultiprocessCollector(registry, path=str(multiproc_dir))
+    held: list[ClientConnection] = []
     with start_metrics_server(0, "127.0.0.1", registry=registry) as metrics:
-        samples = await asyncio.to_thread(
-            wait_for, metrics.url,
-            lambda s: s.get("websocket_connections_active", route="/room") == 16,
-        )  # fmt: skip
-        assert samples["websocket_connections_active", {"route": "/room"}] == 16
+        # The kernel spreads connections over both workers at random: open more until
+        # each holds some, so that killing one leaves some alive, and some gone.
+        while True:
+            held += [await connect(f"ws://127.0.0.1:{port}/room") for _ in range(8)]
+            opened = len(held)
+            samples = await asyncio.to_thread(wait_for, metrics.url, room_active(opened))
+            assert samples["websocket_connections_active", {"route": "/room"}] == opened
+            # Every share is flushed (they sum to the total): each worker's file is whole.
+            shares = [live_share(multiproc_dir, w.pid) for w in (first, second)]
+            assert sum(shares) == opened, shares
+            if min(shares) > 0 or len(held) >= 64:
+                break
+        assert min(shares) > 0, shares
         # A crashed worker cannot clean up after itself: its share stays until the
         # supervisor marks it dead.
         first.proc.kill()
@@ -150,11 +174,53 @@ async def test_dead_worker_share_of_live_gauge_is_removed(
                 alive += 1
             except Exception:
                 pass
-        samples = await asyncio.to_thread(
-            wait_for, metrics.url,
-            lambda s: s.get("websocket_connections_active", route="/room") == alive,
-        )  # fmt: skip
-        assert 0 < alive < 16
+        # Exactly the connections of the worker still running answer.
+        assert alive == shares[1]
+        samples = await asyncio.to_thread(wait_for, metrics.url, room_active(alive))
         assert samples["websocket_connections_active", {"route": "/room"}] == alive
+    for client in held:
+        await client.close()
+
+
+async def test_a_scrape_passes_over_files_still_being_created(
+    workers: tuple[int, list[Worker]], multiproc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default registry of start_metrics_server() in multiprocess mode, as users get it.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(multiproc_dir))
+    port, _ = workers
+    for _ in range(4):
+        async with connect(f"ws://127.0.0.1:{port}/chat") as client:
+            await client.send("ping")
+            assert await client.recv() == "ping"
+    held = [await connect(f"ws://127.0.0.1:{port}/chat") for _ in range(3)]
+    labels = {"route": "/chat", "direction": "received", "type": "text"}
+
+    def settled(s: Samples) -> bool:
+        return (
+            s.get("websocket_messages_total", **labels) == 4
+            and s.get("websocket_connections_total", route="/chat") == 7
+            and s.get("websocket_connections_active", route="/chat") == 3
+        )
+
+    with start_metrics_server(0, "127.0.0.1") as metrics:
+        before = await asyncio.to_thread(wait_for, metrics.url, settled)
+        assert settled(before), before.text
+        # What a scrape meets while a worker creates its files: prometheus_client opens
+        # the file (empty) before it sizes it, and writes its used-size header after.
+        # A file cut short inside its last entry stands for one a crash left behind.
+        real = sorted(multiproc_dir.glob("counter_*.db"))[0].read_bytes()
+        used = int.from_bytes(real[:4], sys.byteorder)
+        (multiproc_dir / "counter_4000001.db").write_bytes(real[: used - 10])
+        (multiproc_dir / "histogram_4000002.db").write_bytes(b"")
+        (multiproc_dir / "gauge_livesum_4000003.db").write_bytes(b"\x08\x00\x00")
+        status, _, body = fetch(metrics.url)
+        assert status == 200, body
+        after = Samples(body)
+        # Every value of the complete files, none from the incomplete ones.
+        assert after.values == {
+            **before.values,
+            ("ws_monitoring_multiprocess_files_skipped_total", frozenset()): 3.0,
+        }
+        assert scrape(metrics.url)["ws_monitoring_multiprocess_files_skipped_total"] == 6
     for client in held:
         await client.close()

@@ -52,6 +52,7 @@ from tests.helpers.servers import (
     async_server,
     async_wait_until,
     close_frame,
+    echo,
     settled,
     sync_server_async,
 )
@@ -150,11 +151,6 @@ def echo_spans(receiver: OtlpHttpReceiver, registry: CollectorRegistry) -> EchoS
             return await spans_until(receiver, spans)
 
     return run
-
-
-async def echo(ws: ServerConnection) -> None:
-    async for message in ws:
-        await ws.send(message)
 
 
 async def spans_until(

@@ -5,32 +5,41 @@ others, so each worker's :class:`~ws_monitoring.metrics.MetricsSink` is copied, 
 deltas, into prometheus_client's mmap-backed metrics by a :class:`MultiprocessBridge`
 running in a daemon thread (every ``WS_MONITORING_MULTIPROC_FLUSH_SECONDS``, default
 1 s, and at exit). Any process then serves the sum with
-``start_metrics_server(...)``, which uses a ``MultiProcessCollector`` in this mode.
+``start_metrics_server(...)``, which uses a :class:`MultiprocessCollector` in this mode.
 
 The hot path is the same as in single-process mode; a scrape may lag a worker by up to
 one flush interval. ``websocket_connections_active`` is a ``livesum`` gauge: a worker
 that exits cleanly removes its share; for one that was killed, the supervisor calls
 :func:`mark_process_dead` with its pid. Exemplars do not exist in this mode
 (a prometheus_client limitation).
+
+A worker creates its files while others scrape: prometheus_client opens a file (empty)
+before it sizes it and writes its used-size header, and its own collector then fails the
+whole scrape on that file. :class:`MultiprocessCollector` passes over such files (until
+they are complete) and counts them in ``ws_monitoring_multiprocess_files_skipped_total``.
 """
 
 from __future__ import annotations
 
 import atexit
+import glob
 import os
+import struct
 import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client import multiprocess as _mp
+from prometheus_client.core import CounterMetricFamily
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
 
     from prometheus_client.core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["MultiprocessBridge", "enabled", "mark_process_dead"]
+__all__ = ["MultiprocessBridge", "MultiprocessCollector", "enabled", "mark_process_dead"]
 
 
 def enabled() -> bool:
@@ -41,6 +50,66 @@ def enabled() -> bool:
 def mark_process_dead(pid: int, path: str | None = None) -> None:
     """Drop the live-gauge share of worker ``pid`` (call it when a worker dies)."""
     _mp.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+#: prometheus_client's file header: the bytes used (a native int), then 4 of padding.
+_HEADER = struct.Struct("i")
+_HEADER_SIZE = 8
+
+
+def _complete(path: str) -> bool | None:
+    """Whether ``path`` is a whole mmap file; None if it no longer exists.
+
+    Complete: at least its header, whose used-size covers the header and lies within the
+    file. prometheus_client only ever grows a file (it sizes it before writing past the
+    end), so a file complete now stays complete while the collector reads it.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(_HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return None  # a live gauge's file removed by mark_process_dead since the glob
+    if len(header) < _HEADER_SIZE:
+        return False
+    used: int = _HEADER.unpack_from(header)[0]
+    return _HEADER_SIZE <= used <= size
+
+
+class MultiprocessCollector(_mp.MultiProcessCollector):
+    """prometheus_client's ``MultiProcessCollector``, which a file being created cannot fail.
+
+    It merges the complete files of ``path`` (default ``PROMETHEUS_MULTIPROC_DIR``) as
+    prometheus_client does, passes over the others (empty, shorter than their header, or
+    whose header counts more bytes than they hold) and counts them, once per scrape, in
+    ``ws_monitoring_multiprocess_files_skipped_total``. Use it in place of
+    prometheus_client's when you build the registry yourself.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None, path: str | None = None) -> None:
+        self._skipped = 0
+        self._skipped_lock = threading.Lock()
+        super().__init__(registry, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        files = []
+        skipped = 0
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            complete = _complete(path)
+            if complete:
+                files.append(path)
+            elif complete is False:
+                skipped += 1
+        with self._skipped_lock:
+            self._skipped += skipped
+            total = self._skipped
+        yield from self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        yield CounterMetricFamily(
+            "ws_monitoring_multiprocess_files_skipped",
+            "prometheus_client multiprocess files a scrape passed over because they were "
+            "incomplete (a worker creating them; one a crash left short), once per scrape.",
+            value=total,
+        )
 
 
 def _flush_interval() -> float:

@@ -621,9 +621,9 @@ def _multiprocess() -> bool:
 
 def _default_registry() -> CollectorRegistry:
     if _multiprocess():
-        from prometheus_client import multiprocess
+        from .multiprocess import MultiprocessCollector
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        MultiprocessCollector(registry)
         return registry
     return REGISTRY
