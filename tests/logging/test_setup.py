@@ -622,3 +622,41 @@ def test_ecs_pseudonymized_client_is_an_address_not_an_ip(capture: Capture) -> N
     asyncio.run(run())
     (line,) = [line for line in capture.lines() if line["message"] == "inside"]
     assert line["client"] == {"address": p.anonymize_ip("203.0.113.5")}
+
+
+def test_a_traceback_is_formatted_by_the_writer_thread_with_the_context_of_the_call(
+    capture: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_core import conn_with_request, make_monitor
+    from ws_monitoring.logging.context import current_connection
+
+    record = make_monitor(pseudonym_key=KEY).open(conn_with_request("/rooms/7"))
+    formatted_in: list[str] = []
+    privacy = record.monitor.privacy
+    original = privacy.format_exception
+
+    def spy(exc: BaseException) -> str:
+        formatted_in.append(threading.current_thread().name)
+        return original(exc)
+
+    monkeypatch.setattr(privacy, "format_exception", spy)
+    capture.setup(background=True)
+    args = ["before"]
+    token = current_connection.set(record)
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("crashed with %s", args)
+    finally:
+        current_connection.reset(token)
+    args[0] = "after"  # the message is the one of the call
+    [line] = capture.lines()
+    assert formatted_in
+    assert threading.main_thread().name not in formatted_in
+    assert line["message"] == "crashed with ['before']"
+    assert line["connection_id"] == record.id
+    assert line["route"] == "/rooms/{id}"
+    assert line["client_ip"] == "203.0.113.0"
+    assert line["error_type"] == "ValueError"
+    assert "raise ValueError" in line["stack_trace"]

@@ -123,8 +123,36 @@ def span_fields() -> dict[str, str]:
     return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
 
 
+#: A record :func:`capture_context` prepared, for another thread to format.
+DEFERRED = "_ws_deferred"
+#: Where :func:`capture_context` keeps the connection a record was logged for.
+_CONNECTION_ATTR = "_ws_connection"
+
+
+def capture_context(record: logging.LogRecord) -> None:
+    """Put on ``record`` what only the thread that logged it knows, for another to format.
+
+    The fields :class:`ConnectionContextFilter` would add (the current connection's and
+    span's: context variables), the connection itself (its privacy settings), and the
+    message with its arguments merged (they may change once the call returns).
+    """
+    attributes = record.__dict__
+    connection = connection_of(record)
+    for name, value in missing_fields(attributes, connection).items():
+        attributes.setdefault(name, value)
+    attributes[_CONNECTION_ATTR] = connection
+    try:
+        message = record.getMessage()
+    except Exception:
+        return  # left as it is: the formatter writes its "bad log arguments" line
+    record.msg, record.args = message, None
+
+
 def connection_of(record: logging.LogRecord | None) -> ConnectionRecord | None:
     """The connection ``record`` was logged for: the current one, else websockets'."""
+    if record is not None and _CONNECTION_ATTR in record.__dict__:
+        captured: ConnectionRecord | None = record.__dict__[_CONNECTION_ATTR]
+        return captured
     connection = current_connection.get()
     if connection is not None or record is None:
         return connection

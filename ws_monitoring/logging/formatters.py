@@ -21,7 +21,7 @@ from typing import Any
 
 from ws_monitoring.privacy import JOURNAL_LOGGER, Privacy
 
-from .context import CONNECTION_FIELDS, EVENT_FIELDS, connection_of, missing_fields
+from .context import CONNECTION_FIELDS, DEFERRED, EVENT_FIELDS, connection_of, missing_fields
 
 __all__ = [
     "DEFAULT_SERVICE",
@@ -365,7 +365,16 @@ class _Router(logging.Formatter):
 
 
 class _Passthrough(logging.Formatter):
-    """The line formatted before queuing (``QueueHandler.prepare`` stored it in ``msg``)."""
+    """The line formatted before queuing (``QueueHandler.prepare`` stored it in ``msg``),
+    or, for a record whose formatting was deferred (one with an exception, see
+    :class:`~ws_monitoring.logging.handlers.DroppingQueueHandler`), the line ``real``
+    formats now, in the listener's thread."""
+
+    def __init__(self, real: logging.Formatter) -> None:
+        super().__init__()
+        self.real = real
 
     def format(self, record: logging.LogRecord) -> str:
+        if DEFERRED in record.__dict__:
+            return self.real.format(record)
         return str(record.msg)

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from .context import DEFERRED, capture_context
+
 __all__ = [
     "DROP_REASONS",
     "FileOutput",
@@ -121,11 +123,26 @@ class TimedRotatingFileOutput(_FileReporting, logging.handlers.TimedRotatingFile
 
 
 class DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Never blocks: when the queue is full the record is dropped and counted."""
+    """Never blocks: when the queue is full the record is dropped and counted.
+
+    A line is formatted before it is queued (the connection and the span it belongs to
+    are this thread's context variables), except a line with an exception: its traceback,
+    the costly part (about a millisecond), is formatted by the listener's thread, from
+    the context captured here (:func:`~ws_monitoring.logging.context.capture_context`),
+    so that a crash storm does not format tracebacks on the event loop.
+    """
 
     def __init__(self, q: queue.Queue[Any]) -> None:
         super().__init__(q)
         self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        exc_info = record.exc_info
+        if not exc_info or exc_info[1] is None:
+            return super().prepare(record)  # type: ignore[no-any-return]
+        capture_context(record)
+        record.__dict__[DEFERRED] = True
+        return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:

@@ -426,14 +426,15 @@ def setup_logging(
     journal_entry: list[logging.Handler] = []
     if background:
         queue_handler = DroppingQueueHandler(queue.Queue(queue_size))
-        queue_handler.setFormatter(_Router(formatter, journal_formatter if journal else None))
+        router = _Router(formatter, journal_formatter if journal else None)
+        queue_handler.setFormatter(router)
         for output in outputs:
-            output.setFormatter(_Passthrough())
+            output.setFormatter(_Passthrough(router))
             if journal is not None:
                 output.addFilter(_only(JOURNAL_LOGGER, keep=False))
         targets = list(outputs)
         if journal is not None:
-            journal.setFormatter(_Passthrough())
+            journal.setFormatter(_Passthrough(router))
             journal.addFilter(_only(JOURNAL_LOGGER, keep=True))
             targets.append(journal)
             journal_entry = [queue_handler]
