@@ -50,9 +50,13 @@ async def _dict_sizes(monitoring: Mapping[str, Any] | None, *, alone_first: bool
 
 
 async def test_a_first_burst_costs_no_more_than_connections_arriving_one_by_one() -> None:
-    best = max(await _dict_sizes(None, alone_first=True))  # the bare server at its best
+    one_by_one = max(await _dict_sizes({}, alone_first=True))
     sizes = await _dict_sizes({}, alone_first=False)
-    assert max(sizes) <= best, (sizes, best)
+    assert max(sizes) <= one_by_one, (sizes, one_by_one)
+    # And not far from the bare server at its best (16 B more on CPython 3.13, whose
+    # dicts of instance attributes are built differently): no combined dict each.
+    best = max(await _dict_sizes(None, alone_first=True))
+    assert max(sizes) < 2 * best, (sizes, best)
 
 
 @pytest.mark.skipif(
