@@ -166,10 +166,11 @@ async def _ended(record: ConnectionRecord, exc: BaseException | None) -> None:
 
 async def _then_python(
     inner: Awaitable[None],
-    tail: Callable[[ConnectionRecord, BaseException | None], Awaitable[None]],
+    tail: Callable[[ConnectionRecord, BaseException | None], Awaitable[Any]],
     arg: ConnectionRecord,
-) -> None:
-    """``_speedups.Then`` in Python: await ``inner``, then ``tail(arg, its exception)``."""
+) -> Any:
+    """``_speedups.Then`` in Python: await ``inner``, then ``tail(arg, its exception)``,
+    whose result is the result."""
     try:
         await inner
     except GeneratorExit as exc:
@@ -181,9 +182,8 @@ async def _then_python(
             ending.close()
         raise
     except BaseException as exc:
-        await tail(arg, exc)
-    else:
-        await tail(arg, None)
+        return await tail(arg, exc)
+    return await tail(arg, None)
 
 
 _then: Callable[..., Awaitable[None]] = _speedups.Then if SPEEDUPS else _then_python
